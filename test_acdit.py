@@ -1,0 +1,436 @@
+"""Proofs that the pieces of acdit.py agree with each other and with the definitions.
+
+Each reference here is written independently from the paper's definition (plain loops),
+not by calling the code under test. Equivalence tests randomize *all* weights first:
+adaLN-Zero init makes a fresh model output exactly zero, which would pass trivially.
+"""
+import itertools
+
+import pytest
+import torch
+
+import acdit
+from acdit import ACDiT, ACDiTConfig, KVCache, dense_scam_mask, patchify, unpatchify
+
+
+def tiny_config(**kw):
+    base = dict(img_size=8, in_channels=1, patch_size=2, block_h=1, block_w=4,
+                depth=2, width=16, n_heads=2, n_classes=3)
+    base.update(kw)
+    return ACDiTConfig(**base)
+
+
+def randomized(model, seed=0, dtype=torch.float32):
+    """Give every parameter a random value so no path is trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.to(dtype).eval()
+
+
+def reference_scam(n_blocks, block_len):
+    """SCAM from its definition, one (query, key) pair at a time."""
+    tokens = [("clean", b) for b in range(n_blocks - 1) for _ in range(block_len)] + \
+             [("noised", b) for b in range(n_blocks) for _ in range(block_len)]
+    L = len(tokens)
+    m = torch.zeros(L, L, dtype=torch.bool)
+    for qi, (qk, qb) in enumerate(tokens):
+        for ki, (kk, kb) in enumerate(tokens):
+            if qk == "clean" and kk == "clean":
+                m[qi, ki] = kb <= qb
+            elif qk == "noised" and kk == "clean":
+                m[qi, ki] = kb < qb
+            elif qk == "noised" and kk == "noised":
+                m[qi, ki] = kb == qb
+    return m
+
+
+# --- config --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(patch_size=3), ["patch_size=3", "img_size=8"]),
+    (dict(block_w=3), ["block 1x3", "4x4"]),
+    (dict(width=18, n_heads=4), ["width=18", "n_heads=4"]),
+    (dict(width=12, n_heads=2), ["head dim", "6"]),
+    (dict(attn_backend="cuda"), ["attn_backend='cuda'"]),
+    (dict(depth=0), ["depth=0"]),
+    (dict(label_dropout=1.0), ["label_dropout=1.0"]),
+])
+def test_bad_config_names_the_values(kw, words):
+    with pytest.raises(ValueError) as e:
+        tiny_config(**kw)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_derived_sizes():
+    cfg = ACDiTConfig()  # the MNIST default: 28px, patch 4 -> 7x7 grid, 7 row strips
+    assert (cfg.grid, cfg.n_blocks, cfg.block_len, cfg.patch_dim) == (7, 7, 7, 16)
+    assert cfg.seq_len == 13 * 7
+
+
+# --- patchify ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bh, bw", [(1, 1), (1, 4), (2, 2), (4, 1), (2, 4), (4, 4)])
+def test_patchify_round_trip_and_block_major_order(bh, bw):
+    cfg = tiny_config(in_channels=3, block_h=bh, block_w=bw)
+    imgs = torch.randn(2, 3, 8, 8)
+    tokens = patchify(imgs, cfg)
+    assert tokens.shape == (2, cfg.n_blocks * cfg.block_len, 2 * 2 * 3)
+    assert torch.equal(unpatchify(tokens, cfg), imgs)
+    # independent order: blocks in raster order, patches in raster order inside each block
+    p, g = cfg.patch_size, cfg.grid
+    i = 0
+    for by, bx in itertools.product(range(g // bh), range(g // bw)):
+        for r, c in itertools.product(range(bh), range(bw)):
+            row, col = by * bh + r, bx * bw + c
+            patch = imgs[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p]  # (B, C, p, p)
+            assert torch.equal(tokens[:, i], patch.permute(0, 2, 3, 1).reshape(2, -1))
+            i += 1
+
+
+# --- SCAM ----------------------------------------------------------------------------
+
+MASK_SHAPES = [(1, 1), (1, 5), (2, 1), (2, 3), (3, 7), (4, 4), (5, 1), (7, 7), (6, 13), (16, 9)]
+
+
+@pytest.mark.parametrize("n_blocks, block_len", MASK_SHAPES)
+def test_dense_mask_matches_definition(n_blocks, block_len):
+    m = dense_scam_mask(n_blocks, block_len)
+    assert m.dtype == torch.bool and m.shape == ((2 * n_blocks - 1) * block_len,) * 2
+    assert torch.equal(m, reference_scam(n_blocks, block_len))
+
+
+@pytest.mark.parametrize("n_blocks, block_len", [(4, 3), (7, 7), (1, 6)])
+def test_mask_structure(n_blocks, block_len):
+    m = dense_scam_mask(n_blocks, block_len)
+    nc = (n_blocks - 1) * block_len
+    assert not m[:nc, nc:].any(), "clean tokens must never see noised tokens"
+    for i in range(n_blocks):
+        rows = m[nc + i * block_len: nc + (i + 1) * block_len]
+        seen_clean = rows[:, :nc]
+        seen_noised = rows[:, nc:]
+        assert seen_clean[:, :i * block_len].all() and not seen_clean[:, i * block_len:].any()
+        own = torch.zeros(n_blocks * block_len, dtype=torch.bool)
+        own[i * block_len:(i + 1) * block_len] = True
+        assert torch.equal(seen_noised, own.expand_as(seen_noised))
+    # n_0 sees only itself
+    assert m[nc:nc + block_len].sum() == block_len * block_len
+
+
+def test_print_scam_staircase(capsys):
+    acdit.print_scam(3)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["c0", "c1", "n0", "n1", "n2"]
+    rows = {line.split()[0]: "".join(line.split()[1:]) for line in out[1:]}
+    assert rows == {"c0": "#....", "c1": "##...", "n0": "..#..", "n1": "#..#.", "n2": "##..#"}
+
+
+def test_uncached_layout_mask_is_a_submatrix_of_scam():
+    # the sampler's reference layout [c_0..c_{i-1} | n_i] keeps the rows/cols of SCAM for i+1 blocks
+    n, bl = 5, 3
+    for i in range(n):
+        full = reference_scam(i + 1, bl)
+        keep = list(range(i * bl)) + list(range((2 * i) * bl, (2 * i + 1) * bl))
+        sub = full[keep][:, keep]
+        assert torch.equal(dense_scam_mask(i + 1, bl, noised_from=i), sub)
+
+
+needs_flex = pytest.mark.skipif(not acdit.HAS_FLEX, reason="FlexAttention needs torch >= 2.5")
+
+
+@needs_flex
+@pytest.mark.parametrize("n_blocks, block_len", MASK_SHAPES + [(9, 17), (3, 64)])
+def test_flex_mask_equals_dense_at_token_level(n_blocks, block_len):
+    from torch.nn.attention.flex_attention import create_mask
+    L = (2 * n_blocks - 1) * block_len
+    mod = acdit.scam_mask_mod(n_blocks, block_len)
+    flex = create_mask(mod, None, None, L, L, device="cpu")[0, 0]
+    assert torch.equal(flex, reference_scam(n_blocks, block_len))
+    bm = acdit.flex_scam_mask(n_blocks, block_len, device="cpu")
+    assert bm.shape[-2:] == (L, L)
+
+
+@needs_flex
+@pytest.mark.parametrize("n_blocks, block_len", [(4, 5), (7, 7), (5, 33), (1, 9)])
+def test_flex_attention_equals_sdpa_with_dense_mask(n_blocks, block_len):
+    # lengths 35, 91, 297, 9: none a multiple of FlexAttention's 128 tile
+    L = (2 * n_blocks - 1) * block_len
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, L, 16, generator=g) for _ in range(3))
+    with torch.no_grad():
+        out_flex = acdit.attend(q, k, v, acdit.flex_scam_mask(n_blocks, block_len, "cpu"))
+    # independent reference: softmax over allowed keys only
+    allowed = reference_scam(n_blocks, block_len)
+    scores = (q @ k.transpose(-1, -2)) / 16 ** 0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    ref = scores.softmax(-1) @ v
+    assert torch.allclose(out_flex, ref, atol=1e-5)
+    assert torch.allclose(acdit.attend(q, k, v, dense_scam_mask(n_blocks, block_len)), ref, atol=1e-5)
+
+
+@needs_flex
+def test_model_forward_agrees_between_backends():
+    cfg_f, cfg_s = tiny_config(attn_backend="flex"), tiny_config(attn_backend="sdpa")
+    mf, ms = randomized(ACDiT(cfg_f)), randomized(ACDiT(cfg_s))
+    x0 = torch.randn(3, cfg_s.n_blocks * cfg_s.block_len, cfg_s.patch_dim)
+    xt = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (3, cfg_s.n_blocks))
+    y = torch.tensor([0, 1, 3])
+    clean = x0[:, :(cfg_s.n_blocks - 1) * cfg_s.block_len]
+    with torch.no_grad():
+        a, b = mf(xt, t, y, clean=clean), ms(xt, t, y, clean=clean)
+    assert a.abs().mean() > 0.1
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_flex_refuses_to_train_on_cpu():
+    if not acdit.HAS_FLEX:
+        pytest.skip("FlexAttention needs torch >= 2.5")
+    m = ACDiT(tiny_config(attn_backend="flex")).train()
+    with pytest.raises(RuntimeError, match="no backward"):
+        m.training_loss(torch.zeros(2, 1, 8, 8), torch.tensor([0, 1]))
+
+
+def test_auto_backend_is_sdpa_on_cpu():
+    assert ACDiT(tiny_config()).backend(torch.device("cpu")) == "sdpa"
+
+
+# --- the model -----------------------------------------------------------------------
+
+def test_rope_scores_depend_only_on_2d_offset():
+    cfg = ACDiTConfig(img_size=8, patch_size=1, block_h=2, block_w=4, width=32, n_heads=2)
+    rope = acdit.RoPE2D(cfg)
+    coords = acdit.token_coords(cfg)
+    where = {tuple(rc): i for i, rc in enumerate(coords.tolist())}
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+
+    def score(a, b):  # rotated q at patch a . rotated k at patch b
+        ca, sa = rope(torch.tensor([where[a]]))
+        cb, sb = rope(torch.tensor([where[b]]))
+        return (acdit.apply_rope(q, ca, sa) * acdit.apply_rope(k, cb, sb)).sum()
+
+    assert torch.allclose(score((1, 2), (3, 5)), score((4, 0), (6, 3)), atol=1e-5)
+    assert torch.allclose(score((0, 0), (0, 0)), score((7, 7), (7, 7)), atol=1e-5)
+    assert not torch.allclose(score((1, 2), (3, 5)), score((1, 2), (5, 3)), atol=1e-3)
+
+
+def test_fresh_model_is_adaln_zero():
+    m = ACDiT(tiny_config())
+    x = torch.randn(2, 16, 4)
+    out = m(x, torch.randint(0, 1000, (2, 4)), torch.tensor([0, 1]), clean=x[:, :12])
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_scam_dependencies_through_the_whole_model():
+    """Who influences whom in the training forward, read off gradients of the output."""
+    cfg = tiny_config()
+    m = randomized(ACDiT(cfg), dtype=torch.float64)
+    N, Bl = cfg.n_blocks, cfg.block_len
+    clean = torch.randn(1, (N - 1) * Bl, cfg.patch_dim, dtype=torch.float64, requires_grad=True)
+    noised = torch.randn(1, N * Bl, cfg.patch_dim, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 1000, (1, N))
+    for i in range(N):
+        out = m(noised, t, torch.tensor([1]), clean=clean)
+        gc, gn = torch.autograd.grad(out[0, i * Bl:(i + 1) * Bl].sum(), [clean, noised])
+        gc, gn = gc.abs().sum(-1)[0], gn.abs().sum(-1)[0]   # per token
+        for j in range(N - 1):
+            assert (gc[j * Bl:(j + 1) * Bl] > 0).all() == (j < i), (i, j)
+            assert (gc[j * Bl:(j + 1) * Bl] == 0).all() == (j >= i), (i, j)
+        for j in range(N):
+            assert (gn[j * Bl:(j + 1) * Bl] > 0).all() == (j == i), (i, j)
+
+
+def test_one_block_is_a_plain_dit():
+    cfg = tiny_config(block_h=4, block_w=4)  # the whole 4x4 grid in one block
+    assert cfg.n_blocks == 1 and cfg.seq_len == 16
+    assert dense_scam_mask(1, 16).all()       # full attention, no clean tokens
+    m = randomized(ACDiT(cfg), dtype=torch.float64)
+    x = torch.randn(1, 16, cfg.patch_dim, dtype=torch.float64, requires_grad=True)
+    out = m(x, torch.tensor([[500]]), torch.tensor([2]))
+    g = torch.autograd.grad(out[0, 0].sum(), x)[0].abs().sum(-1)[0]
+    assert (g > 0).all(), "every token sees every other token"
+    # and the sampler has nothing to cache
+    imgs = acdit.sample(m, [0, 1], steps=3, generator=torch.Generator().manual_seed(0))
+    assert imgs.shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("bh, bw", [(1, 4), (2, 2), (1, 1)])
+def test_training_forward_equals_block_by_block_inference(bh, bw):
+    """The one SCAM forward used in training predicts, for every block, the same eps as
+    inference does block by block with the KV cache of the earlier clean blocks."""
+    cfg = tiny_config(block_h=bh, block_w=bw)
+    m = randomized(ACDiT(cfg))
+    N, Bl = cfg.n_blocks, cfg.block_len
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(2, N * Bl, cfg.patch_dim, generator=g)
+    t = torch.randint(0, 1000, (2, N), generator=g)
+    xt = m.schedule.add_noise(x0, t, torch.randn(x0.shape, generator=g))
+    y = torch.tensor([2, 0])
+    with torch.no_grad():
+        train_eps = m(xt, t, y, clean=x0[:, :(N - 1) * Bl])
+        cache = KVCache(Bl)
+        for i in range(N):
+            blk = slice(i * Bl, (i + 1) * Bl)
+            eps_i = m(xt[:, blk], t[:, i:i + 1], y, kv_cache=cache)
+            assert torch.allclose(eps_i, train_eps[:, blk], atol=1e-4), f"block {i}"
+            m.commit(x0[:, blk], cache)
+    assert train_eps.abs().mean() > 0.1
+
+
+def test_kv_cache_holds_roped_qk_normed_keys():
+    """The cache holds exactly the keys/values of the clean tokens computed from scratch."""
+    cfg = tiny_config()
+    m = randomized(ACDiT(cfg))
+    Bl = cfg.block_len
+    x0 = torch.randn(1, 3 * Bl, cfg.patch_dim)
+    cache = KVCache(Bl)
+    with torch.no_grad():
+        for i in range(3):
+            m.commit(x0[:, i * Bl:(i + 1) * Bl], cache)
+        # from scratch, layer 0: keys of 3 clean blocks are a function of their own tokens only
+        attn = m.blocks[0].attn
+        h = m.blocks[0].norm1(m.patch_embed(x0))
+        q, k, v = attn.qkv(h).view(1, 3 * Bl, 3, cfg.n_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = m.rope(torch.arange(3 * Bl))
+        k = acdit.apply_rope(attn.k_norm(k), cos, sin)
+    assert cache.n_blocks == 3
+    assert torch.allclose(cache.kv[0][0], k, atol=1e-5)
+    assert torch.allclose(cache.kv[0][1], v, atol=1e-5)
+    assert cache.nbytes() == 2 * cfg.depth * 3 * Bl * cfg.width * 4
+
+
+# --- DDPM ----------------------------------------------------------------------------
+
+def test_schedule_and_noising_per_block():
+    s = acdit.DDPMSchedule(1000)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    ab = 1.0
+    for t in (0, 1, 500, 999):
+        ab = torch.prod(1 - betas[:t + 1])
+        assert torch.isclose(s.alpha_bar(t, torch.zeros(1, dtype=torch.float64)), ab)
+    x0, noise = torch.randn(1, 8, 3, dtype=torch.float64), torch.randn(1, 8, 3, dtype=torch.float64)
+    t = torch.tensor([[0, 999]])
+    xt = s.add_noise(x0, t, noise)
+    a0, a1 = (torch.prod(1 - betas[:1]), torch.prod(1 - betas))
+    assert torch.allclose(xt[:, :4], a0.sqrt() * x0[:, :4] + (1 - a0).sqrt() * noise[:, :4])
+    assert torch.allclose(xt[:, 4:], a1.sqrt() * x0[:, 4:] + (1 - a1).sqrt() * noise[:, 4:])
+
+
+def test_ddpm_step_is_the_posterior():
+    """With every timestep, eta=1 is DDPM's ancestral step: posterior mean + beta-tilde noise."""
+    s = acdit.DDPMSchedule(1000)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    alphas, ab = 1 - betas, torch.cumprod(1 - betas, 0)
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(4, 5, dtype=torch.float64, generator=g), torch.randn(4, 5, dtype=torch.float64, generator=g)
+    t = 600
+    x0 = (x - (1 - ab[t]).sqrt() * eps) / ab[t].sqrt()
+    mean = (ab[t - 1].sqrt() * betas[t] / (1 - ab[t])) * x0 + \
+        (alphas[t].sqrt() * (1 - ab[t - 1]) / (1 - ab[t])) * x
+    var = betas[t] * (1 - ab[t - 1]) / (1 - ab[t])
+    z = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    out, _ = s.step(x, eps, t, t - 1, eta=1.0, generator=torch.Generator().manual_seed(9), clip_x0=False)
+    assert torch.allclose(out, mean + var.sqrt() * z)
+    # eta=0 is deterministic DDIM
+    out0, _ = s.step(x, eps, t, t - 1, eta=0.0, clip_x0=False)
+    assert torch.allclose(out0, ab[t - 1].sqrt() * x0 + (1 - ab[t - 1]).sqrt() * eps)
+
+
+def test_sampling_timesteps():
+    s = acdit.DDPMSchedule(1000)
+    assert s.sampling_timesteps(1) == [999]
+    ts = s.sampling_timesteps(50)
+    assert ts[0] == 999 and ts[-1] == 0 and len(set(ts)) == 50 and ts == sorted(ts, reverse=True)
+    assert s.sampling_timesteps(1000) == list(range(999, -1, -1))
+    with pytest.raises(ValueError, match="steps=0"):
+        s.sampling_timesteps(0)
+
+
+# --- sampling ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler, cfg_scale", [("ddim", 2.0), ("ddpm", 2.0), ("ddpm", 1.0)])
+def test_cached_sampling_equals_uncached(sampler, cfg_scale):
+    cfg = tiny_config(block_h=2, block_w=2)  # 4 square blocks
+    m = randomized(ACDiT(cfg), dtype=torch.float64)
+    kw = dict(cfg_scale=cfg_scale, sampler=sampler, steps=6)
+    a = acdit.sample(m, [0, 1, 2], generator=torch.Generator().manual_seed(5), use_cache=True, **kw)
+    b = acdit.sample(m, [0, 1, 2], generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
+    c = acdit.sample(m, [0, 1, 2], generator=torch.Generator().manual_seed(6), use_cache=True, **kw)
+    assert a.shape == (3, 1, 8, 8) and a.dtype == torch.float64
+    assert torch.allclose(a, b, atol=1e-9)
+    assert not torch.allclose(a, c, atol=1e-3)  # the seed matters
+
+
+def test_sample_callback_sees_every_step():
+    cfg = tiny_config()
+    m = randomized(ACDiT(cfg))
+    seen = []
+    acdit.sample(m, [1], steps=3, callback=lambda i, s, clean, x, x0: seen.append((i, s, clean.shape[1], x.shape)))
+    assert [(i, s) for i, s, _, _ in seen] == [(i, s) for i in range(4) for s in range(3)]
+    assert all(n == i * cfg.block_len and shape == (1, 4, 4) for i, _, n, shape in seen)
+
+
+def test_sample_rejects_bad_arguments():
+    m = ACDiT(tiny_config())
+    with pytest.raises(ValueError, match="labels must be in 0..2"):
+        acdit.sample(m, [3])
+    with pytest.raises(ValueError, match="sampler="):
+        acdit.sample(m, [0], sampler="euler")
+    with pytest.raises(ValueError, match="steps=0"):
+        acdit.sample(m, [0], steps=0)
+
+
+# --- training ------------------------------------------------------------------------
+
+def test_tiny_model_learns_a_fixed_batch():
+    torch.manual_seed(0)
+    cfg = tiny_config(width=32, n_heads=2, depth=2)
+    m = ACDiT(cfg)
+    imgs = torch.rand(16, 1, 8, 8) * 2 - 1
+    imgs[:, :, :4] = -1  # some structure: top half dark
+    labels = torch.arange(16) % 3
+
+    def eval_loss():  # fixed t, noise and label dropout
+        with torch.random.fork_rng():
+            torch.manual_seed(123)
+            with torch.no_grad():
+                return sum(m.training_loss(imgs, labels).item() for _ in range(8)) / 8
+
+    before = eval_loss()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(300):
+        loss = m.training_loss(imgs, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    after = eval_loss()
+    assert before > 0.9  # adaLN-Zero: starts predicting eps = 0
+    assert after < 0.5 * before, (before, after)
+
+
+# --- CUDA only -----------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available() or not acdit.HAS_FLEX,
+                          reason="needs a CUDA GPU (compiled FlexAttention)")
+
+
+@cuda
+def test_cuda_compiled_flex_forward_and_grads_equal_sdpa():
+    torch.manual_seed(0)
+    cfg = ACDiTConfig(depth=2, width=64, n_heads=2)
+    mf = randomized(ACDiT(ACDiTConfig(**{**cfg.__dict__, "attn_backend": "flex"}))).cuda().train()
+    ms = randomized(ACDiT(ACDiTConfig(**{**cfg.__dict__, "attn_backend": "sdpa"}))).cuda().train()
+    imgs = torch.rand(8, 1, 28, 28, device="cuda") * 2 - 1
+    labels = torch.arange(8, device="cuda") % 10
+    losses = []
+    for m in (mf, ms):
+        torch.manual_seed(1)
+        loss = m.training_loss(imgs, labels)
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+    for (n, pf), ps in zip(mf.named_parameters(), ms.parameters()):
+        assert torch.allclose(pf.grad, ps.grad, rtol=1e-3, atol=1e-5), n
