@@ -237,29 +237,28 @@ def print_scam(n_blocks):
 # 4. The model: DiT with ACDiT's changes
 
 
-def modulate(x, n_clean, shift, scale):
-    """adaLN on noised tokens only; clean tokens x[:, :n_clean] pass through untouched.
-    x: (B, L, D); shift, scale: (B, Nn, 1, D), one per noised block, shared by its tokens."""
-    if shift is None:  # an all-clean sequence (the sampler's commit pass)
+def modulate(x, shift, scale):
+    """DiT's adaLN: x * (1 + scale) + shift, with one (shift, scale) per block of tokens.
+    x: (B, L, D); shift, scale: (B, L // Bl, 1, D), or None for no modulation at all."""
+    if shift is None:
         return x
-    clean, noised = x[:, :n_clean], x[:, n_clean:]
-    B, Ln, D = noised.shape
-    noised = noised.view(B, shift.shape[1], -1, D) * (1 + scale) + shift
-    return torch.cat([clean, noised.view(B, Ln, D)], dim=1)
+    B, L, D = x.shape
+    return (x.view(B, shift.shape[1], -1, D) * (1 + scale) + shift).view(B, L, D)
 
 
-def gate(x, n_clean, g):
-    """adaLN-Zero's residual gate, again on noised tokens only. g: (B, Nn, 1, D) or None."""
+def gated(x, g):
+    """adaLN-Zero's residual gate, one per block like modulate. g: (B, L // Bl, 1, D) or None."""
     if g is None:
         return x
-    clean, noised = x[:, :n_clean], x[:, n_clean:]
-    B, Ln, D = noised.shape
-    return torch.cat([clean, (noised.view(B, g.shape[1], -1, D) * g).view(B, Ln, D)], dim=1)
+    B, L, D = x.shape
+    return (x.view(B, g.shape[1], -1, D) * g).view(B, L, D)
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
+def rotate_halves(x):
+    """Rotate-half inside each axis' half of the head dim: [r1, r2, c1, c2] -> [r2, r1, c2, c1]
+    (the minus signs of rotate-half live in RoPE2D's sin table)."""
+    *lead, hd = x.shape
+    return x.reshape(*lead, 2, 2, hd // 4).flip(-2).reshape(*lead, hd)
 
 
 class RoPE2D(nn.Module):
@@ -274,10 +273,11 @@ class RoPE2D(nn.Module):
         coords = token_coords(cfg).double()                       # (N*Bl, 2)
         ang_r = coords[:, :1] * freqs                             # (N*Bl, hd/4)
         ang_c = coords[:, 1:] * freqs
-        angles = torch.cat([ang_r, ang_r, ang_c, ang_c], dim=-1)  # (N*Bl, hd)
-        # non-persistent: rebuilt from the config, follow .to(device/dtype), not saved
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        cos = torch.cat([ang_r.cos(), ang_r.cos(), ang_c.cos(), ang_c.cos()], dim=-1)
+        sin = torch.cat([-ang_r.sin(), ang_r.sin(), -ang_c.sin(), ang_c.sin()], dim=-1)
+        # (N*Bl, hd) each; non-persistent: rebuilt from the config, follow .to(device), not saved
+        self.register_buffer("cos", cos.float(), persistent=False)
+        self.register_buffer("sin", sin.float(), persistent=False)
 
     def forward(self, pos):
         """cos, sin tables (L, hd) for token positions pos (L,) in block-major order."""
@@ -285,10 +285,9 @@ class RoPE2D(nn.Module):
 
 
 def apply_rope(x, cos, sin):
-    """x: (B, H, L, hd). Rotate-half applied separately within the row half and the column half."""
-    xr, xc = x.chunk(2, dim=-1)
-    rotated = torch.cat([rotate_half(xr), rotate_half(xc)], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    """x: (B, H, L, hd); cos, sin: (L, hd) from RoPE2D. Dim i of each axis' half is paired
+    with dim i + hd/4 and the pair is rotated by that axis' angle."""
+    return x * cos.to(x.dtype) + rotate_halves(x) * sin.to(x.dtype)
 
 
 _compiled_flex = None
@@ -357,16 +356,26 @@ class ACDiTBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.width, 6 * cfg.width))
 
-    def forward(self, x, c, n_clean, cos, sin, mask, past_kv=None):
-        """x: (B, L, D), the first n_clean tokens clean. c: (B, Nn, D) per noised block, or None."""
-        if c is None:
-            shift1 = scale1 = gate1 = shift2 = scale2 = gate2 = None
-        else:
-            shift1, scale1, gate1, shift2, scale2, gate2 = \
-                self.adaLN_modulation(c).unsqueeze(2).chunk(6, dim=-1)  # each (B, Nn, 1, D)
-        h, kv = self.attn(modulate(self.norm1(x), n_clean, shift1, scale1), cos, sin, mask, past_kv)
-        x = x + gate(h, n_clean, gate1)
-        x = x + gate(self.mlp(modulate(self.norm2(x), n_clean, shift2, scale2)), n_clean, gate2)
+    def adaln_params(self, c, n_clean_blocks):
+        """adaLN-Zero (shift1, scale1, gate1, shift2, scale2, gate2), each (B, blocks, 1, D),
+        for every block of the sequence: from the condition c (B, Nn, D) for noised blocks,
+        and the identity (shift 0, scale 0, gate 1) for clean blocks, which stay unmodulated."""
+        if c is None:  # an all-clean sequence (the sampler's commit pass)
+            return (None,) * 6
+        mod = self.adaLN_modulation(c)                            # (B, Nn, 6D)
+        if n_clean_blocks:
+            identity = torch.zeros(6, c.shape[-1], device=c.device, dtype=mod.dtype)
+            identity[[2, 5]] = 1.0                                # the two gates
+            identity = identity.view(1, 1, -1).expand(c.shape[0], n_clean_blocks, -1)
+            mod = torch.cat([identity, mod], dim=1)               # (B, blocks, 6D)
+        return mod.unsqueeze(2).chunk(6, dim=-1)
+
+    def forward(self, x, c, n_clean_blocks, cos, sin, mask, past_kv=None):
+        """x: (B, L, D), its first n_clean_blocks blocks clean. c: (B, Nn, D) per noised block."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaln_params(c, n_clean_blocks)
+        h, kv = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, mask, past_kv)
+        x = x + gated(h, gate1)
+        x = x + gated(self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2)
         return x, kv
 
 
@@ -397,7 +406,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).unsqueeze(2).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), 0, shift, scale))
+        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 class ACDiT(nn.Module):
@@ -446,14 +455,14 @@ class ACDiT(nn.Module):
                                f"has no backward there. Use attn_backend='sdpa' (or 'auto').")
         return want
 
-    def _run(self, x, c, n_clean, pos, mask, kv_cache):
-        """The transformer stack over embedded tokens x (B, L, D). Returns the final hidden
-        states and each layer's new (k, v)."""
+    def _run(self, x, c, n_clean_blocks, pos, mask, kv_cache):
+        """The transformer stack over embedded tokens x (B, L, D) whose first n_clean_blocks
+        blocks are clean. Returns the final hidden states and each layer's new (k, v)."""
         cos, sin = self.rope(pos)
         new_kvs = []
         for i, block in enumerate(self.blocks):
             past = kv_cache.layer(i, x.shape[0]) if kv_cache is not None else None
-            x, kv = block(x, c, n_clean, cos, sin, mask, past)
+            x, kv = block(x, c, n_clean_blocks, cos, sin, mask, past)
             new_kvs.append(kv)
         return x, new_kvs
 
@@ -479,15 +488,15 @@ class ACDiT(nn.Module):
         device = noised.device
         pos = torch.arange(first * Bl, (n_ctx + 1) * Bl, device=device)
         x = self.patch_embed(noised)                              # (B, Nn*Bl, D)
-        mask, n_clean = None, 0   # with a cache: attend to [cache, own block], nothing to mask
+        mask, n_clean_blocks = None, 0  # with a cache: attend to [cache, own block], no mask
         if clean is not None and n_ctx > 0:
             x = torch.cat([self.patch_embed(clean), x], dim=1)    # (B, L, D)
             pos = torch.cat([torch.arange(n_ctx * Bl, device=device), pos])
-            n_clean = n_ctx * Bl
+            n_clean_blocks = n_ctx
             mask = cached_scam_mask(n_ctx + 1, Bl, first, device, self.backend(device))
         c = self.t_embed(t) + self.y_embed(y)[:, None]           # (B, Nn, D) per-block condition
-        x, _ = self._run(x, c, n_clean, pos, mask, kv_cache)
-        return self.final(x[:, n_clean:], c)                      # (B, Nn*Bl, P)
+        x, _ = self._run(x, c, n_clean_blocks, pos, mask, kv_cache)
+        return self.final(x[:, n_clean_blocks * Bl:], c)          # (B, Nn*Bl, P)
 
     @torch.no_grad()
     def commit(self, block_tokens, kv_cache):
@@ -496,9 +505,7 @@ class ACDiT(nn.Module):
         per-layer K/V to the cache."""
         i, Bl = kv_cache.n_blocks, self.cfg.block_len
         pos = torch.arange(i * Bl, (i + 1) * Bl, device=block_tokens.device)
-        x = self.patch_embed(block_tokens)
-        n = x.shape[1]
-        _, kvs = self._run(x, None, n, pos, None, kv_cache)
+        _, kvs = self._run(self.patch_embed(block_tokens), None, 1, pos, None, kv_cache)
         kv_cache.append(kvs)
 
     def training_loss(self, imgs, labels):
