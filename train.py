@@ -23,10 +23,12 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import struct
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import types
 import urllib.request
@@ -606,7 +608,11 @@ def estimate_loss(models, images, labels, cfg, ctx):
     gen = torch.Generator().manual_seed(0)
     batches = [get_batch(images, labels, cfg.batch_size, gen) for _ in range(cfg.eval_iters)]
     out = []
-    with torch.random.fork_rng(devices=[images.device] if images.device.type == 'cuda' else []):
+    # torch.manual_seed below reseeds every device, so fork (save and restore) the RNG of the
+    # device in use: always the CPU's, plus CUDA's or MPS's when the data lives there
+    on_cpu = images.device.type == 'cpu'
+    with torch.random.fork_rng(devices=[] if on_cpu else [images.device],
+                               device_type=None if on_cpu else images.device.type):
         for m in models:
             m.eval()
             torch.manual_seed(0)
@@ -739,11 +745,29 @@ def main(argv=None):
 
     if start_iter >= cfg.max_iters:
         log(f'nothing to do: the checkpoint is at iter {start_iter}, max_iters={cfg.max_iters}')
+
+    # Ctrl-C (SIGINT) only asks to stop: the loop then stops between two steps, so the
+    # checkpoint it saves never holds a half-applied step. Under torchrun every rank gets
+    # the signal at a different point of its step, so the ranks first agree (in the
+    # all-reduce after the forward pass) and all stop after the same step. A second
+    # Ctrl-C in a single process stops at once, without saving.
+    stop = {'asked': 0, 'agreed': False}
+
+    def on_sigint(signum, frame):
+        stop['asked'] += 1
+        if stop['asked'] > 1 and not ddp:
+            raise KeyboardInterrupt
+
+    # (signal handlers can only be set from the main thread, e.g. not when main() runs in a thread)
+    old_sigint = signal.signal(signal.SIGINT, on_sigint) \
+        if threading.current_thread() is threading.main_thread() else None
     t_start = time.time()
     t_log, it_log = t_start, start_iter
     it = start_iter
     try:
         while it < cfg.max_iters:
+            if stop['agreed'] or (stop['asked'] and not ddp):
+                raise KeyboardInterrupt
             lr = get_lr(it, cfg.max_iters, cfg.learning_rate, cfg.warmup_iters,
                         cfg.decay_frac, cfg.min_lr_frac)
             for group in optimizer.param_groups:
@@ -751,11 +775,17 @@ def main(argv=None):
             x, y = get_batch(train_images, train_labels, cfg.batch_size, batch_gen, hflip)
             with ctx:
                 loss = step_model(x, y)
-            loss_value = loss.item()
+            loss_value = loss.detach().float()
+            if ddp:  # one tiny all-reduce: the loss averaged over the ranks (so a NaN on any rank
+                # stops them all, together) and whether any rank was asked to stop
+                flags = torch.stack([loss_value, torch.tensor(float(stop['asked'] > 0), device=dev)])
+                dist.all_reduce(flags)  # a sum (gloo has no average)
+                loss_value, stop['agreed'] = flags[0] / world, bool(flags[1] > 0)
+            loss_value = loss_value.item()
             if not math.isfinite(loss_value):
                 log(f'error: loss is {loss_value} at iter {it}; stopping without saving. '
                     f'The last good checkpoint (if any) is {ckpt_path}: resume from it with a '
-                    f'lower --learning_rate')
+                    f'lower --learning_rate', file=sys.stderr)
                 sys.exit(1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -783,13 +813,23 @@ def main(argv=None):
                 sample_grid(ema, path, cfg, dev)
                 log(f'wrote {path} ({time.time() - t0:.1f}s)')
     except KeyboardInterrupt:
-        if it > start_iter:  # the interrupted step never half-applies: it only counts after it ran
+        if stop['asked'] > 1 and not ddp:  # Ctrl-C twice: maybe in the middle of a step
+            log(f'\ninterrupted again: exiting without saving (the last checkpoint, if any, is {ckpt_path})')
+        elif it > start_iter:  # stopped between two steps: iter `it` is the next step to run
             log(f'\ninterrupted at iter {it}; saving a checkpoint before exiting')
             save(it)
-            log(f'resume with: python train.py {" ".join(argv)} --init_from=resume')
+            launcher = f'torchrun --nproc_per_node={world}' if ddp else 'python'
+            args = ' '.join(a for a in argv if not a.startswith('--init_from='))
+            log(f'resume with: {launcher} train.py {args} --init_from=resume')
         sys.exit(130)
     finally:
+        if old_sigint is not None:
+            signal.signal(signal.SIGINT, old_sigint)
         if ddp:
+            # Free DDP (which holds a reference to the process group) before destroying the
+            # group: if DDP went last, the group's gloo threads would be joined while this
+            # thread holds the GIL, and can deadlock at exit (seen with torch 2.13 on CPU).
+            del step_model
             dist.destroy_process_group()
     if it > start_iter:
         log(f'done: {it} iters in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}')
