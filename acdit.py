@@ -146,14 +146,13 @@ def unpatchify(tokens, cfg):
 
 def token_coords(cfg):
     """(row, col) of every token's patch in the patch grid, in block-major order: (N*Bl, 2)."""
-    g = cfg.grid
-    rows = torch.arange(g).view(g, 1).expand(g, g)
-    cols = torch.arange(g).view(1, g).expand(g, g)
-    grid = torch.stack([rows, cols]).float()  # a 2-channel "image" of patch coordinates
-    # patchify with 1x1 patches reorders it block-major, exactly like real tokens
-    one = ACDiTConfig(img_size=g, in_channels=2, patch_size=1, block_h=cfg.block_h,
-                      block_w=cfg.block_w, width=4, n_heads=1)
-    return patchify(grid[None], one)[0].long()
+    idx = torch.arange(cfg.n_blocks * cfg.block_len)
+    blk, j = idx // cfg.block_len, idx % cfg.block_len      # block id, position inside the block
+    blocks_per_row = cfg.grid // cfg.block_w
+    row = (blk // blocks_per_row) * cfg.block_h + j // cfg.block_w
+    col = (blk % blocks_per_row) * cfg.block_w + j % cfg.block_w
+    return torch.stack([row, col], dim=1)
+
 
 # -----------------------------------------------------------------------------
 # 3. SCAM: the Skip-Causal Attention Mask (paper Sec. 3, Fig. 2)
@@ -298,6 +297,8 @@ def attend(q, k, v, mask):
     a BlockMask runs FlexAttention, a dense bool mask (or None) runs SDPA."""
     if isinstance(mask, BlockMask):
         global _compiled_flex
+        if torch.compiler.is_compiling():  # inside torch.compile(model): traced and fused already
+            return flex_attention(q, k, v, block_mask=mask)
         if q.device.type == "cuda":  # eager flex materializes all scores; compiled is fused
             if _compiled_flex is None:
                 _compiled_flex = torch.compile(flex_attention, dynamic=False)
@@ -410,6 +411,8 @@ class FinalLayer(nn.Module):
 
 
 class ACDiT(nn.Module):
+    """A DiT over [clean | noised] blocks: one SCAM forward in training, a KV cache of the
+    clean blocks in sampling."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -420,7 +423,7 @@ class ACDiT(nn.Module):
         self.rope = RoPE2D(cfg)
         self.blocks = nn.ModuleList([ACDiTBlock(cfg) for _ in range(cfg.depth)])
         self.final = FinalLayer(cfg)
-        self.schedule = DDPMSchedule(cfg.n_timesteps, cfg.beta_start, cfg.beta_end)
+        self.schedule = DDPMSchedule(cfg.n_timesteps, cfg.beta_start, cfg.beta_end)  # section 5
         self.init_weights()
 
     def init_weights(self):
@@ -457,7 +460,8 @@ class ACDiT(nn.Module):
 
     def _run(self, x, c, n_clean_blocks, pos, mask, kv_cache):
         """The transformer stack over embedded tokens x (B, L, D) whose first n_clean_blocks
-        blocks are clean. Returns the final hidden states and each layer's new (k, v)."""
+        blocks are clean. Returns the final hidden states and each layer's new (k, v)
+        (kept only by the sampler's commit pass)."""
         cos, sin = self.rope(pos)
         new_kvs = []
         for i, block in enumerate(self.blocks):
@@ -481,10 +485,17 @@ class ACDiT(nn.Module):
             (clean.shape[1] // Bl if clean is not None else 0)
         n_noised = noised.shape[1] // Bl
         first = n_ctx + 1 - n_noised                             # block id of the first noised block
-        if noised.shape[1] % Bl or n_noised < 1 or first < 0 or n_ctx >= cfg.n_blocks \
-                or (clean is not None and clean.shape[1] % Bl) or t.shape != noised.shape[:1] + (n_noised,):
-            raise ValueError(f"bad layout: noised {tuple(noised.shape)}, t {tuple(t.shape)}, "
-                             f"{n_ctx} clean blocks of {Bl} tokens")
+        if noised.shape[1] % Bl or n_noised < 1 or (clean is not None and clean.shape[1] % Bl):
+            raise ValueError(f"noised {tuple(noised.shape)} / clean tokens must be whole blocks of {Bl}")
+        if first < 0 or n_ctx >= cfg.n_blocks:
+            raise ValueError(f"{n_noised} noised blocks do not fit after {n_ctx} clean blocks "
+                             f"(N={cfg.n_blocks}): pass N-1 clean blocks with N noised ones, "
+                             f"or i clean blocks with one noised block")
+        if kv_cache is not None and n_noised != 1:
+            raise ValueError("with a KV cache, denoise one block at a time (no mask is applied)")
+        if t.shape != (noised.shape[0], n_noised):
+            raise ValueError(f"t has shape {tuple(t.shape)}, expected one timestep per noised "
+                             f"block: {(noised.shape[0], n_noised)}")
         device = noised.device
         pos = torch.arange(first * Bl, (n_ctx + 1) * Bl, device=device)
         x = self.patch_embed(noised)                              # (B, Nn*Bl, D)
@@ -505,7 +516,8 @@ class ACDiT(nn.Module):
         per-layer K/V to the cache."""
         i, Bl = kv_cache.n_blocks, self.cfg.block_len
         pos = torch.arange(i * Bl, (i + 1) * Bl, device=block_tokens.device)
-        _, kvs = self._run(self.patch_embed(block_tokens), None, 1, pos, None, kv_cache)
+        x = self.patch_embed(block_tokens)                       # (B, Bl, D)
+        _, kvs = self._run(x, None, 1, pos, None, kv_cache)      # c=None: nothing is modulated
         kv_cache.append(kvs)
 
     def training_loss(self, imgs, labels):
@@ -532,13 +544,13 @@ class DDPMSchedule:
     def __init__(self, n_timesteps=1000, beta_start=1e-4, beta_end=0.02):
         self.n_timesteps = n_timesteps
         betas = torch.linspace(beta_start, beta_end, n_timesteps, dtype=torch.float64)
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # alpha-bar_t
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)         # alpha-bar_t, t = 0..T-1
+        self.alpha_bar_table = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod])
 
     def alpha_bar(self, t, like):
         """alpha-bar at integer t (tensor or int; t = -1 means 'clean', alpha-bar = 1),
         as like's dtype on like's device."""
-        table = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod])
-        table = table.to(like.dtype).to(like.device)  # cast first: MPS has no float64
+        table = self.alpha_bar_table.to(like.dtype).to(like.device)  # cast first: MPS has no float64
         return table[torch.as_tensor(t, device=like.device) + 1]
 
     def add_noise(self, x0, t, noise):
@@ -594,6 +606,8 @@ class KVCache:
             return None
         k, v = self.kv[i]
         if batch != k.shape[0]:
+            if batch % k.shape[0]:
+                raise ValueError(f"batch {batch} is not a multiple of the cache's {k.shape[0]} rows")
             reps = batch // k.shape[0]
             k, v = k.repeat(reps, 1, 1, 1), v.repeat(reps, 1, 1, 1)
         return k, v
@@ -615,48 +629,56 @@ SAMPLERS = {"ddim": 0.0, "ddpm": 1.0}  # sampler name -> DDIM eta
 @torch.no_grad()
 def sample(model, labels, cfg_scale=1.5, sampler="ddim", steps=50, generator=None,
            use_cache=True, clip_x0=True, callback=None):
-    """Generate images for `labels` (B,), block by block. Returns (B, C, H, W) in [-1, 1].
+    """Generate images for `labels` (B,), block by block. Returns (B, C, H, W), in [-1, 1]
+    when clip_x0 (the default).
 
     Each block starts as Gaussian noise and is denoised in `steps` strided steps with
     classifier-free guidance (eps_u + cfg_scale * (eps_c - eps_u); 1.0 = no guidance).
     use_cache=True keeps the clean blocks' K/V in a KVCache (each step runs Bl tokens);
     use_cache=False is the reference: every step reruns the SCAM forward over the whole
-    clean prefix. Both draw the same noise from `generator`, so they agree.
+    clean prefix. Both draw the same noise from `generator` (a torch.Generator on the
+    model's device), so they agree.
     callback(block, step, clean, x, x0), if given, sees every intermediate state:
     clean (B, i*Bl, P) finished blocks, x the current block's x_t, x0 its predicted x_0."""
     cfg = model.cfg
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}; choose one of {list(SAMPLERS)}")
     p = next(model.parameters())
+    # the trajectory stays in at least float32 even for a bf16/fp16 model: in half precision
+    # alpha-bar rounds to 1 near t = 0 and the update would divide by zero
+    dtype = torch.promote_types(p.dtype, torch.float32)
     labels = torch.as_tensor(labels, device=p.device).long().view(-1)
     if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.n_classes):
         raise ValueError(f"labels must be in 0..{cfg.n_classes - 1}, got {labels.tolist()}")
     ts = model.schedule.sampling_timesteps(steps)
     B, Bl, guided = labels.shape[0], cfg.block_len, cfg_scale != 1.0
     y = torch.cat([labels, torch.full_like(labels, model.null_label)]) if guided else labels
-    rows = 2 * B if guided else B
+    rows = 2 * B if guided else B                                 # CFG: [conditional; unconditional]
     was_training = model.training
     model.eval()
     cache = KVCache(Bl) if use_cache else None
-    clean = torch.zeros(B, 0, cfg.patch_dim, device=p.device, dtype=p.dtype)
-    for i in range(cfg.n_blocks):
-        x = torch.randn(B, Bl, cfg.patch_dim, generator=generator, device=p.device, dtype=p.dtype)
-        for s, t in enumerate(ts):
-            t_prev = ts[s + 1] if s + 1 < len(ts) else -1
-            xin = x.repeat(rows // B, 1, 1)
-            tt = torch.full((rows, 1), t, device=p.device)
-            if use_cache:
-                eps = model(xin, tt, y, kv_cache=cache)
-            else:
-                eps = model(xin, tt, y, clean=clean.repeat(rows // B, 1, 1))
-            if guided:
-                eps_c, eps_u = eps.chunk(2)
-                eps = eps_u + cfg_scale * (eps_c - eps_u)
-            x, x0 = model.schedule.step(x, eps, t, t_prev, SAMPLERS[sampler], generator, clip_x0)
-            if callback is not None:
-                callback(i, s, clean, x, x0)
-        clean = torch.cat([clean, x], dim=1)
-        if use_cache and i < cfg.n_blocks - 1:
-            model.commit(x, cache)
-    model.train(was_training)
+    clean = torch.zeros(B, 0, cfg.patch_dim, device=p.device, dtype=dtype)
+    try:
+        for i in range(cfg.n_blocks):
+            x = torch.randn(B, Bl, cfg.patch_dim, generator=generator, device=p.device, dtype=dtype)
+            for s, t in enumerate(ts):
+                t_prev = ts[s + 1] if s + 1 < len(ts) else -1     # -1: the last step lands on x_0
+                xin = x.repeat(rows // B, 1, 1).to(p.dtype)       # (rows, Bl, P)
+                tt = torch.full((rows, 1), t, device=p.device)
+                if use_cache:
+                    eps = model(xin, tt, y, kv_cache=cache)
+                else:
+                    eps = model(xin, tt, y, clean=clean.repeat(rows // B, 1, 1).to(p.dtype))
+                eps = eps.to(dtype)
+                if guided:
+                    eps_c, eps_u = eps.chunk(2)
+                    eps = eps_u + cfg_scale * (eps_c - eps_u)
+                x, x0 = model.schedule.step(x, eps, t, t_prev, SAMPLERS[sampler], generator, clip_x0)
+                if callback is not None:
+                    callback(i, s, clean, x, x0)
+            clean = torch.cat([clean, x], dim=1)                  # (B, (i+1)*Bl, P)
+            if use_cache and i < cfg.n_blocks - 1:               # the last block is never attended
+                model.commit(x.to(p.dtype), cache)
+    finally:
+        model.train(was_training)
     return unpatchify(clean, cfg)

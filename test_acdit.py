@@ -383,6 +383,29 @@ def test_sample_rejects_bad_arguments():
         acdit.sample(m, [0], steps=0)
 
 
+def test_half_precision_model_samples_finite_images():
+    # alpha-bar rounds to 1.0 in bf16 near t = 0; the trajectory must stay in float32
+    m = randomized(ACDiT(tiny_config())).to(torch.bfloat16)
+    imgs = acdit.sample(m, [0, 1], steps=4, generator=torch.Generator().manual_seed(0))
+    assert imgs.dtype == torch.float32 and torch.isfinite(imgs).all()
+
+
+def test_forward_rejects_impossible_layouts():
+    cfg = tiny_config()
+    m = ACDiT(cfg)
+    Bl, P = cfg.block_len, cfg.patch_dim
+    cache = KVCache(Bl)
+    m.commit(torch.randn(1, Bl, P), cache)
+    with pytest.raises(ValueError, match="one block at a time"):
+        m(torch.randn(1, 2 * Bl, P), torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]), kv_cache=cache)
+    with pytest.raises(ValueError, match="do not fit"):
+        m(torch.randn(1, 2 * Bl, P), torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match="one timestep per noised block"):
+        m(torch.randn(1, Bl, P), torch.zeros(1, 2, dtype=torch.long), torch.tensor([0]))
+    with pytest.raises(ValueError, match="whole blocks"):
+        m(torch.randn(1, Bl + 1, P), torch.zeros(1, 1, dtype=torch.long), torch.tensor([0]))
+
+
 # --- training ------------------------------------------------------------------------
 
 def test_tiny_model_learns_a_fixed_batch():
@@ -434,3 +457,22 @@ def test_cuda_compiled_flex_forward_and_grads_equal_sdpa():
     assert torch.allclose(losses[0], losses[1], rtol=1e-4, atol=1e-5)
     for (n, pf), ps in zip(mf.named_parameters(), ms.parameters()):
         assert torch.allclose(pf.grad, ps.grad, rtol=1e-3, atol=1e-5), n
+
+
+@cuda
+def test_cuda_whole_model_compiled_with_flex_under_bf16_autocast():
+    # what train.py --compile=True does on a GPU: torch.compile around the flex training forward
+    cfg = ACDiTConfig(depth=2, width=64, n_heads=2)
+    mf = randomized(ACDiT(ACDiTConfig(**{**cfg.__dict__, "attn_backend": "flex"}))).cuda().train()
+    ms = randomized(ACDiT(ACDiTConfig(**{**cfg.__dict__, "attn_backend": "sdpa"}))).cuda().train()
+    imgs = torch.rand(8, 1, 28, 28, device="cuda") * 2 - 1
+    labels = torch.arange(8, device="cuda") % 10
+    compiled = torch.compile(mf.training_loss)
+    losses = []
+    for f in (compiled, ms.training_loss):
+        torch.manual_seed(2)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            losses.append(f(imgs, labels))
+    losses[0].backward()
+    assert torch.isfinite(losses[0]) and torch.allclose(losses[0], losses[1].float(), rtol=2e-2, atol=2e-3)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mf.parameters())

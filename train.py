@@ -16,6 +16,7 @@ import ast
 import builtins
 import dataclasses
 import difflib
+import functools
 import gzip
 import hashlib
 import math
@@ -65,7 +66,7 @@ label_dropout = 0.1  # drop the class label this often in training, for classifi
 # --- training ---
 max_iters = 3000  # total optimizer steps
 batch_size = 64  # images per optimizer step
-learning_rate = 2e-3  # peak learning rate (AdamW)
+learning_rate = 3e-3  # peak learning rate (AdamW); QK-norm and grad clipping keep this high lr stable
 warmup_iters = 100  # linear warmup from ~0 to learning_rate over this many steps
 decay_frac = 0.2  # warmup-stable-decay: decay linearly during the last decay_frac of max_iters
 min_lr_frac = 0.1  # ...down to learning_rate * min_lr_frac
@@ -669,7 +670,7 @@ def main(argv=None):
         rank, world = 0, 1
         dev = pick_device(cfg.device)  # before touching the disk, so a bad --device changes nothing
     master = rank == 0  # only rank 0 prints and writes files
-    log = print if master else (lambda *a, **k: None)
+    log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -761,6 +762,15 @@ def main(argv=None):
     # (signal handlers can only be set from the main thread, e.g. not when main() runs in a thread)
     old_sigint = signal.signal(signal.SIGINT, on_sigint) \
         if threading.current_thread() is threading.main_thread() else None
+
+    def check_finite(what, value):
+        """Stop before a non-finite step is applied: the last checkpoint stays the last good one."""
+        if not math.isfinite(value):
+            log(f'error: {what} is {value} at iter {it}; stopping without saving. '
+                f'The last good checkpoint (if any) is {ckpt_path}: resume from it with a '
+                f'lower --learning_rate', file=sys.stderr)
+            sys.exit(1)
+
     t_start = time.time()
     t_log, it_log = t_start, start_iter
     it = start_iter
@@ -782,15 +792,14 @@ def main(argv=None):
                 dist.all_reduce(flags)  # a sum (gloo has no average)
                 loss_value, stop['agreed'] = flags[0] / world, bool(flags[1] > 0)
             loss_value = loss_value.item()
-            if not math.isfinite(loss_value):
-                log(f'error: loss is {loss_value} at iter {it}; stopping without saving. '
-                    f'The last good checkpoint (if any) is {ckpt_path}: resume from it with a '
-                    f'lower --learning_rate', file=sys.stderr)
-                sys.exit(1)
+            check_finite('loss', loss_value)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # the norm is checked too: a finite loss can still give inf/nan gradients, which
+            # would poison the weights (and the next checkpoint) one step before the loss shows it
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            check_finite('the gradient norm', grad_norm.item())
             optimizer.step()
             update_ema(ema, model, ema_decay_at(it, cfg.ema_decay))
             it += 1
