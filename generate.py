@@ -35,7 +35,8 @@ OPTIONS = [
     ('n_per_class', 10, 'samples per label (the columns of the grid)'),
     ('cfg_scale', 'auto', "classifier-free guidance (1.0 = none); 'auto' = the checkpoint's cfg_scale, "
                           f"else {train.DEFAULTS['cfg_scale']}"),
-    ('sampler', 'ddim', "'ddim' (deterministic) or 'ddpm' (ancestral, adds noise every step)"),
+    ('sampler', 'auto', "'ddpm' (ancestral, adds noise every step) or 'ddim' (deterministic); "
+                        "'auto' = the checkpoint's sampler, else ddim"),
     ('steps', 'auto', "denoising steps per block; 'auto' = the checkpoint's sample_steps, "
                       f"else {train.DEFAULTS['sample_steps']}"),
     ('seed', 0, 'seeds the noise: the same seed gives the same images, cached or not'),
@@ -64,7 +65,8 @@ def parse_args(argv, doc, options):
     if '-h' in argv or '--help' in argv:
         print(help_text(doc, options))
         return None
-    return types.SimpleNamespace(**train.parse_config(argv, {key: default for key, default, _ in options}))
+    return types.SimpleNamespace(**train.parse_config(argv, {key: default for key, default, _ in options},
+                                                       choices={}))
 
 
 def run_cli(main):
@@ -115,20 +117,23 @@ def from_checkpoint(cfg, key, kind, train_config, train_key):
 
 
 def check_options(cfg, train_config=None):
-    """Raise ConfigError for an impossible option; return (cfg_scale, steps). Called once
+    """Raise ConfigError for an impossible option; return (cfg_scale, steps, sampler). Called once
     before the checkpoint is loaded (a typo should not wait for it; 'auto' values are None
     then) and once after, with the checkpoint's train config."""
     if cfg.weights not in ('ema', 'model'):
         raise ConfigError(f"weights={cfg.weights!r}: choose 'ema' or 'model'")
-    if cfg.sampler not in acdit.SAMPLERS:
-        raise ConfigError(f"sampler={cfg.sampler!r}: choose one of {', '.join(acdit.SAMPLERS)}")
+    sampler = cfg.sampler
+    if sampler == 'auto' and train_config is not None:
+        sampler = train_config.get('sampler', 'ddim')  # checkpoints older than the key used ddim
+    if sampler != 'auto' and sampler not in acdit.SAMPLERS:
+        raise ConfigError(f"sampler={sampler!r}: choose one of {', '.join(acdit.SAMPLERS)}")
     if cfg.n_per_class < 1:
         raise ConfigError(f'n_per_class={cfg.n_per_class} must be at least 1')
     from PIL import Image  # the grid's format comes from its file name (save_grid uses Pillow)
     if cfg.out and os.path.splitext(cfg.out)[1].lower() not in Image.registered_extensions():
         raise ConfigError(f"out={cfg.out!r}: the file name needs an image extension such as .png")
     return (from_checkpoint(cfg, 'cfg_scale', float, train_config, 'cfg_scale'),
-            from_checkpoint(cfg, 'steps', int, train_config, 'sample_steps'))
+            from_checkpoint(cfg, 'steps', int, train_config, 'sample_steps'), sampler)
 
 
 # -----------------------------------------------------------------------------
@@ -260,7 +265,7 @@ def main(argv=None):
     dev = train.pick_device(cfg.device)
     model, ckpt = load_model(cfg.ckpt, cfg.weights, dev)
     mcfg = model.cfg
-    cfg_scale, steps = check_options(cfg, ckpt.get('config') or {})
+    cfg_scale, steps, sampler = check_options(cfg, ckpt.get('config') or {})
     if steps > mcfg.n_timesteps:
         raise ConfigError(f'steps={steps} is more than the model\'s {mcfg.n_timesteps} diffusion timesteps')
     classes = parse_labels(cfg.labels, mcfg.n_classes)
@@ -268,7 +273,7 @@ def main(argv=None):
     print(f"loaded {cfg.ckpt} ({cfg.weights} weights, iter {ckpt.get('iter_num', '?')}): "
           f'{model.num_params() / 1e6:.2f}M parameters, {mcfg.n_blocks} blocks of {mcfg.block_len} tokens')
     print(f'sampling {len(labels)} images ({cfg.n_per_class} of each of {len(classes)} labels) on {dev}: '
-          f'{cfg.sampler}, {steps} steps per block, cfg_scale {cfg_scale}, '
+          f'{sampler}, {steps} steps per block, cfg_scale {cfg_scale}, '
           f"{'KV cache' if cfg.use_cache else 'uncached reference'}")
 
     gif = GifRecorder(mcfg, cfg.n_per_class, steps) if cfg.gif else None
@@ -283,7 +288,7 @@ def main(argv=None):
 
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)  # as train.sample_grid seeds its grid
     with WorkCounter(model) as work:
-        imgs = acdit.sample(model, labels, cfg_scale=cfg_scale, sampler=cfg.sampler, steps=steps,
+        imgs = acdit.sample(model, labels, cfg_scale=cfg_scale, sampler=sampler, steps=steps,
                             generator=gen, use_cache=cfg.use_cache, callback=callback)
     sync(dev)
     seconds = time.perf_counter() - t0

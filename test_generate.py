@@ -29,7 +29,7 @@ from train import CheckpointError, ConfigError
 
 REPO = Path(__file__).resolve().parent
 TINY = dict(dataset='mnist', patch_size=7, block_h=1, block_w=4, depth=1, width=16, n_heads=2,
-            cfg_scale=1.5, sample_steps=4)  # the sampling keys differ from train.py's defaults on purpose
+            cfg_scale=1.5, sample_steps=4, sampler='ddim')  # sampling keys differ from train.py's defaults on purpose
 TINY_MODEL = acdit.ACDiTConfig(img_size=28, in_channels=1, patch_size=7, block_h=1, block_w=4,
                                depth=1, width=16, n_heads=2)
 
@@ -108,7 +108,7 @@ def test_default_out_path_and_sampling_settings_match_train_py(ckpt, tmp_path, c
     """With no options generate.py reads cfg_scale and sample_steps from the checkpoint and
     draws exactly the grid train.py's sample_grid draws (EMA weights, seed 0)."""
     generate.main([f'--ckpt={ckpt}'])
-    assert '4 steps per block, cfg_scale 1.5' in capsys.readouterr().out
+    assert 'ddim, 4 steps per block, cfg_scale 1.5' in capsys.readouterr().out
     ema, _ = generate.load_model(str(ckpt), 'ema')
     reference = tmp_path / 'train_samples.png'
     train.sample_grid(ema, str(reference), types.SimpleNamespace(**TINY), torch.device('cpu'))
@@ -273,3 +273,17 @@ def test_bench_quick_prints_the_table(capsys):
     for line in table[2:]:
         ratio = line.split('|')[-3].strip()
         assert ratio.endswith('x') and float(ratio[:-1]) > 0
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py: the FID formula against its closed form for diagonal covariances
+
+def test_frechet_distance_matches_the_diagonal_closed_form():
+    import evaluate
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    b = torch.randn(4000, 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 0.5], dtype=torch.float64) + 1.0
+    va, vb = a.var(0), b.var(0)  # the sample covariances are nearly diagonal; use the sample values
+    closed = ((a.mean(0) - b.mean(0)) ** 2).sum() + (va + vb - 2 * (va * vb).sqrt()).sum()
+    assert abs(evaluate.frechet_distance(a, b) - closed.item()) < 0.05 * closed.item()
+    assert abs(evaluate.frechet_distance(a, a)) < 1e-6

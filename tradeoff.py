@@ -2,13 +2,13 @@
 The autoregression <-> diffusion trade-off, measured on MNIST.
 
 Trains the same small model with several block shapes under the same budget (same
-iterations, batch and learning rate), from token-wise autoregression (1x1 blocks, 49
-blocks of 1 token) through row strips (7 blocks of 7) to a single block (plain DiT), and
+iterations, batch and learning rate), from token-wise autoregression (1x1 blocks, 16
+blocks of 1 token) through rows and squares to a single block (plain DiT), and
 prints a Markdown table: final test loss of the EMA model, training time, sampling time
 with and without the KV cache, and where each run's sample grid is.
 
     python tradeoff.py --data_dir=../shared/data/mnist             # the README's table
-    python tradeoff.py --data_dir=../shared/data/mnist --max_iters=200   # a quick look
+    python tradeoff.py --data_dir=../shared/data/mnist --max_iters=200 --root=out-quick  # a quick look
 
 Any other --key=value is passed to train.py for every run.
 """
@@ -20,14 +20,19 @@ import types
 import torch
 
 import acdit
+import evaluate
 import train
 
-# name -> (block_h, block_w) in patches of the 7x7 grid (28px, patch 4)
+# 7x7-pixel patches make a 4x4 grid of 16 tokens, which 1x1, 1x4, 2x2, 2x4 and 4x4 blocks
+# tile (the default 4x4-pixel patches make a 7x7 grid, and 7 is prime)
+PATCH = 7
+# name -> (block_h, block_w) in patches
 SHAPES = {
     "token-wise AR (1x1)": (1, 1),
-    "columns (7x1)": (7, 1),
-    "rows (1x7)": (1, 7),
-    "plain DiT (7x7)": (7, 7),
+    "rows (1x4)": (1, 4),
+    "squares (2x2)": (2, 2),
+    "halves (2x4)": (2, 4),
+    "plain DiT (4x4)": (4, 4),
 }
 
 
@@ -47,38 +52,47 @@ def main(argv):
             root = arg.split("=", 1)[1]
         else:
             passthrough.append(arg)
-    budget = ["--max_iters=1000", "--eval_interval=1000", "--sample_interval=1000",
-              "--log_interval=250", "--device=cpu"]
-    rows = []
+    budget = ["--max_iters=2000", "--eval_interval=2000", "--sample_interval=2000",
+              "--log_interval=500", "--device=cpu", f"--patch_size={PATCH}"]
+    rows, judge = [], None
     for name, (bh, bw) in SHAPES.items():
         out = os.path.join(root, f"block{bh}x{bw}")
         print(f"\n=== {name}: {out} ===", flush=True)
-        t0 = time.perf_counter()
-        train.main(budget + passthrough + [f"--block_h={bh}", f"--block_w={bw}", f"--out_dir={out}"])
-        train_s = time.perf_counter() - t0
+        timing = os.path.join(out, "train_seconds.txt")
+        if not os.path.exists(timing):  # trained already: reuse the run (delete the folder to redo)
+            t0 = time.perf_counter()
+            train.main(budget + passthrough + [f"--block_h={bh}", f"--block_w={bw}", f"--out_dir={out}"])
+            with open(timing, "w") as f:
+                f.write(f"{time.perf_counter() - t0:.1f}\n")
+        with open(timing) as f:
+            train_s = float(f.read())
         ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
         mcfg = acdit.ACDiTConfig(**ckpt["model_config"])
         model = acdit.ACDiT(mcfg)
         model.load_state_dict(ckpt["ema"])
         config = ckpt["config"]
         test_x, test_y = train.load_dataset("mnist", config["data_dir"], "test")
+        judge = judge or evaluate.get_judge(config["data_dir"])
         cfg = types.SimpleNamespace(batch_size=64, eval_iters=20)
         (loss,) = train.estimate_loss([model], test_x, test_y, cfg, train.nullcontext())
+        acc, fid, _ = evaluate.judge_model(model, judge, test_x, n_per_class=30, steps=sample_steps)
         cached = time_sampling(model, True, sample_steps)
         uncached = time_sampling(model, False, sample_steps)
         grid = os.path.join(out, f"samples_{ckpt['iter_num']:06d}.png")
-        rows.append((name, mcfg.n_blocks, mcfg.block_len, mcfg.seq_len, loss, train_s,
+        rows.append((name, mcfg.n_blocks, mcfg.block_len, mcfg.seq_len, loss, acc, fid, train_s,
                      cached, uncached, grid))
 
     print(f"\nbudget: {' '.join(budget + passthrough)}; sampling: 10 images, DDIM "
           f"{sample_steps} steps/block, CFG 2.0; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print("| blocks | N x tokens | train seq | test loss (EMA) | train time | sample, KV cache | "
-          "sample, uncached | ratio | grid |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, n, bl, seq, loss, ts, c, u, grid in rows:
-        print(f"| {name} | {n} x {bl} | {seq} | {loss:.4f} | {train.fmt_time(ts)} | {c:.1f} s | "
-              f"{u:.1f} s | {u / c:.1f}x | {grid} |")
+    print("judge: 300 samples (30 per class), class accuracy and FID in the judge's features "
+          "(evaluate.py)")
+    print("| blocks | N x tokens | train seq | test loss (EMA) | class acc | FID | train time | "
+          "sample, KV cache | sample, uncached | ratio | grid |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, n, bl, seq, loss, acc, fid, ts, c, u, grid in rows:
+        print(f"| {name} | {n} x {bl} | {seq} | {loss:.4f} | {acc:.3f} | {fid:.1f} | "
+              f"{train.fmt_time(ts)} | {c:.1f} s | {u:.1f} s | {u / c:.1f}x | {grid} |")
 
 
 if __name__ == "__main__":

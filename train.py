@@ -2,7 +2,7 @@
 Train an ACDiT model on MNIST or CIFAR-10.
 
     python train.py                                  # MNIST with the defaults below
-    python train.py config/mnist_cpu.py              # a config file overrides the defaults
+    python train.py config/mnist_gpu.py              # a config file overrides the defaults
     python train.py config/cifar10.py --batch_size=64   # ...and --key=value overrides both
     python train.py --help                           # list every key with its default
 
@@ -74,7 +74,8 @@ weight_decay = 0.0  # AdamW weight decay
 grad_clip = 1.0  # clip the global gradient norm to this (0.0 disables clipping)
 ema_decay = 0.999  # exponential moving average of the weights, used for sampling
 # --- sampling ---
-cfg_scale = 2.0  # classifier-free guidance scale (1.0 = no guidance)
+cfg_scale = 3.0  # classifier-free guidance scale (1.0 = no guidance)
+sampler = 'ddpm'  # 'ddpm' (ancestral) or 'ddim' (deterministic), for the sample grids
 sample_steps = 50  # denoising steps per block when sampling
 # --- system ---
 seed = 1337  # seeds torch and the batch sampler
@@ -94,6 +95,7 @@ CHOICES = {
     'device': ('auto', 'cpu', 'cuda', 'mps'),
     'dtype': ('float32', 'bfloat16'),
     'attn_backend': ('auto', 'flex', 'sdpa'),
+    'sampler': ('ddpm', 'ddim'),
 }
 
 # A checkpoint can only be resumed by a run whose model has the same shape and data.
@@ -132,7 +134,7 @@ def _coerce(value, default):
     return None
 
 
-def _set(config, defaults, key, value, source):
+def _set(config, defaults, key, value, source, choices):
     """Type-check value against the default of key and store it in config."""
     if key not in defaults:
         close = difflib.get_close_matches(key, list(defaults), n=3)
@@ -144,8 +146,8 @@ def _set(config, defaults, key, value, source):
         want = type(default).__name__ + (' (True/False/true/false)' if isinstance(default, bool) else '')
         raise ConfigError(f"{key}={value!r} from {source} has type {type(value).__name__}, expected {want} "
                           f"like the default {key}={default!r}; {_valid_keys(defaults)}")
-    if key in CHOICES and coerced not in CHOICES[key]:
-        raise ConfigError(f"{key}={coerced!r} from {source} is not one of {', '.join(map(repr, CHOICES[key]))}")
+    if key in choices and coerced not in choices[key]:
+        raise ConfigError(f"{key}={coerced!r} from {source} is not one of {', '.join(map(repr, choices[key]))}")
     config[key] = coerced
 
 
@@ -162,17 +164,18 @@ def _parse_value(text, default):
     return value
 
 
-def parse_config(argv, defaults):
+def parse_config(argv, defaults, choices=CHOICES):
     """Apply config files (positional args ending in .py) and --key=value args, in the
     order given, on top of a copy of defaults; return the resulting dict.
-    Anything wrong (unknown key, wrong type, missing file) raises ConfigError."""
+    Anything wrong (unknown key, wrong type, a value outside `choices`[key], missing file)
+    raises ConfigError. Other scripts pass their own choices (or none) and check values themselves."""
     config = dict(defaults)
     for arg in argv:
         if arg.startswith('--'):
             key, eq, text = arg[2:].partition('=')
             if not eq:
                 raise ConfigError(f"expected --key=value, got '{arg}'; {_valid_keys(defaults)}")
-            _set(config, defaults, key, _parse_value(text, defaults.get(key)), f"'{arg}'")
+            _set(config, defaults, key, _parse_value(text, defaults.get(key)), f"'{arg}'", choices)
         elif arg.endswith('.py'):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file '{arg}' not found")
@@ -192,7 +195,7 @@ def parse_config(argv, defaults):
                     continue
                 if key in config and value is config[key]:
                     continue  # untouched by the file
-                _set(config, defaults, key, value, f"config file '{arg}'")
+                _set(config, defaults, key, value, f"config file '{arg}'", choices)
         else:
             raise ConfigError(f"unexpected argument '{arg}': use --key=value or a config file ending in .py")
     return config
@@ -627,7 +630,7 @@ def sample_grid(model, path, cfg, dev, n_per_class=10):
     """A grid of samples, one row per class, with a fixed seed (comparable across evals)."""
     labels = torch.arange(10, device=dev).repeat_interleave(n_per_class)
     gen = torch.Generator(device=dev).manual_seed(0)
-    imgs = acdit.sample(model, labels, cfg_scale=cfg.cfg_scale, sampler='ddim',
+    imgs = acdit.sample(model, labels, cfg_scale=cfg.cfg_scale, sampler=cfg.sampler,
                         steps=cfg.sample_steps, generator=gen)
     save_grid(imgs, path, nrow=n_per_class)
 
