@@ -230,6 +230,7 @@ def scam_text(n_blocks):
 
 
 def print_scam(n_blocks):
+    """Print the block-level SCAM picture: python -c "import acdit; acdit.print_scam(4)"."""
     print(scam_text(n_blocks))
 
 # -----------------------------------------------------------------------------
@@ -289,7 +290,7 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + rotate_halves(x) * sin.to(x.dtype)
 
 
-_compiled_flex = None
+_compiled_flex = None  # torch.compile(flex_attention), made on first use on CUDA
 
 
 def attend(q, k, v, mask):
