@@ -36,7 +36,7 @@ OPTIONS = [
     ('cfg_scale', 'auto', "classifier-free guidance (1.0 = none); 'auto' = the checkpoint's cfg_scale, "
                           f"else {train.DEFAULTS['cfg_scale']}"),
     ('sampler', 'auto', "'ddpm' (ancestral, adds noise every step) or 'ddim' (deterministic); "
-                        "'auto' = the checkpoint's sampler, else ddim"),
+                        f"'auto' = the checkpoint's sampler, else {train.DEFAULTS['sampler']}"),
     ('steps', 'auto', "denoising steps per block; 'auto' = the checkpoint's sample_steps, "
                       f"else {train.DEFAULTS['sample_steps']}"),
     ('seed', 0, 'seeds the noise: the same seed gives the same images, cached or not'),
@@ -124,7 +124,7 @@ def check_options(cfg, train_config=None):
         raise ConfigError(f"weights={cfg.weights!r}: choose 'ema' or 'model'")
     sampler = cfg.sampler
     if sampler == 'auto' and train_config is not None:
-        sampler = train_config.get('sampler', 'ddim')  # checkpoints older than the key used ddim
+        sampler = train_config.get('sampler', train.DEFAULTS['sampler'])
     if sampler != 'auto' and sampler not in acdit.SAMPLERS:
         raise ConfigError(f"sampler={sampler!r}: choose one of {', '.join(acdit.SAMPLERS)}")
     if cfg.n_per_class < 1:

@@ -287,3 +287,14 @@ def test_frechet_distance_matches_the_diagonal_closed_form():
     closed = ((a.mean(0) - b.mean(0)) ** 2).sum() + (va + vb - 2 * (va * vb).sqrt()).sum()
     assert abs(evaluate.frechet_distance(a, b) - closed.item()) < 0.05 * closed.item()
     assert abs(evaluate.frechet_distance(a, a)) < 1e-6
+
+
+def test_evaluate_rejects_bad_options_before_any_work(tmp_path):
+    import evaluate
+    with pytest.raises(ConfigError, match='n_per_class=0 must be at least 1'):
+        evaluate.main(['--n_per_class=0'])
+    with pytest.raises(CheckpointError, match='no checkpoint at'):
+        evaluate.main([f'--ckpt={tmp_path / "missing.pt"}'])
+    (tmp_path / 'notes.txt').write_text('not a checkpoint')
+    with pytest.raises(CheckpointError, match='not a complete torch.save archive'):
+        evaluate.main([f'--ckpt={tmp_path / "notes.txt"}'])

@@ -10,7 +10,10 @@ with and without the KV cache, and where each run's sample grid is.
     python tradeoff.py --data_dir=../shared/data/mnist             # the README's table
     python tradeoff.py --data_dir=../shared/data/mnist --max_iters=200 --root=out-quick  # a quick look
 
-Any other --key=value is passed to train.py for every run.
+Any other --key=value is passed to train.py for every run; --root=DIR (default
+out-tradeoff) is where the runs go. A run folder that already holds a finished run
+(train_seconds.txt) is reused, not retrained: delete it, or pick another --root,
+after changing flags.
 """
 import os
 import sys
@@ -46,6 +49,9 @@ def time_sampling(model, use_cache, steps, n=10):
 
 
 def main(argv):
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return
     root, sample_steps, passthrough = "out-tradeoff", 50, []
     for arg in argv:
         if arg.startswith("--root="):
@@ -82,7 +88,8 @@ def main(argv):
         rows.append((name, mcfg.n_blocks, mcfg.block_len, mcfg.seq_len, loss, acc, fid, train_s,
                      cached, uncached, grid))
 
-    print(f"\nbudget: {' '.join(budget + passthrough)}; sampling: 10 images, DDIM "
+    flags = dict(a.split("=", 1) for a in budget + passthrough)  # later flags win, as in train.py
+    print(f"\nbudget: {' '.join(f'{k}={v}' for k, v in flags.items())}; sampling: 10 images, DDIM "
           f"{sample_steps} steps/block, CFG 2.0; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print("judge: 300 samples (30 per class), class accuracy and FID in the judge's features "
@@ -96,4 +103,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except train.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (train.DataError, train.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

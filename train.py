@@ -33,6 +33,7 @@ import threading
 import time
 import types
 import urllib.request
+import zipfile
 import zlib
 from contextlib import nullcontext
 
@@ -514,6 +515,10 @@ def load_checkpoint(path, map_location='cpu'):
     if not os.path.isfile(path):
         raise CheckpointError(f"no checkpoint at {path}: init_from='resume' needs one; "
                               f"start with --init_from=scratch or point --out_dir at an earlier run")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the very end
+        raise CheckpointError(f"could not read checkpoint {path}: not a complete torch.save archive, so "
+                              f"it is probably truncated or corrupt (or not a checkpoint at all). Delete "
+                              f"or replace it (to train anew: --init_from=scratch)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle, EOF, ...: all mean we cannot use it
@@ -672,6 +677,9 @@ def main(argv=None):
     else:
         rank, world = 0, 1
         dev = pick_device(cfg.device)  # before touching the disk, so a bad --device changes nothing
+    if cfg.attn_backend == 'flex' and dev.type != 'cuda':
+        raise ConfigError(f"attn_backend='flex' cannot train on {dev.type}: FlexAttention has no "
+                          f"backward there. Use --attn_backend=sdpa (or auto)")
     master = rank == 0  # only rank 0 prints and writes files
     log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
