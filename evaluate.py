@@ -130,11 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except train.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (train.CheckpointError, train.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    generate.run_cli(lambda: main(sys.argv[1:]))  # one-line errors, no tracebacks

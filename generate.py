@@ -74,7 +74,7 @@ def run_cli(main):
     exit status 2 for a bad option (as argparse does), 1 for a file that cannot be used."""
     try:
         main()
-    except (ConfigError, CheckpointError, OSError) as e:
+    except (ConfigError, CheckpointError, train.DataError, OSError) as e:
         print(f'error: {e}', file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
 

@@ -24,6 +24,7 @@ import torch
 
 import acdit
 import evaluate
+import generate
 import train
 
 # 7x7-pixel patches make a 4x4 grid of 16 tokens, which 1x1, 1x4, 2x2, 2x4 and 4x4 blocks
@@ -103,11 +104,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except train.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (train.DataError, train.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    generate.run_cli(lambda: main(sys.argv[1:]))  # one-line errors, no tracebacks
