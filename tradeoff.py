@@ -60,7 +60,7 @@ def main(argv):
         else:
             passthrough.append(arg)
     budget = ["--max_iters=2000", "--eval_interval=2000", "--sample_interval=2000",
-              "--log_interval=500", "--device=cpu", f"--patch_size={PATCH}"]
+              "--log_interval=500", "--device=cpu", "--decay_frac=0.2", f"--patch_size={PATCH}"]
     rows, judge = [], None
     for name, (bh, bw) in SHAPES.items():
         out = os.path.join(root, f"block{bh}x{bw}")
