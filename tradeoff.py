@@ -61,7 +61,11 @@ def main(argv):
             passthrough.append(arg)
     budget = ["--max_iters=2000", "--eval_interval=2000", "--sample_interval=2000",
               "--log_interval=500", "--device=cpu", "--decay_frac=0.2", f"--patch_size={PATCH}"]
-    rows, judge = [], None
+    # checks the passed flags before any training, and says where the data is
+    data_dir = train.parse_config(budget + passthrough, train.DEFAULTS)["data_dir"]
+    test_x, test_y = train.load_dataset("mnist", data_dir, "test")
+    judge = evaluate.get_judge(data_dir)
+    rows = []
     for name, (bh, bw) in SHAPES.items():
         out = os.path.join(root, f"block{bh}x{bw}")
         print(f"\n=== {name}: {out} ===", flush=True)
@@ -73,13 +77,8 @@ def main(argv):
                 f.write(f"{time.perf_counter() - t0:.1f}\n")
         with open(timing) as f:
             train_s = float(f.read())
-        ckpt = train.load_checkpoint(os.path.join(out, "ckpt.pt"))
-        mcfg = acdit.ACDiTConfig(**ckpt["model_config"])
-        model = acdit.ACDiT(mcfg)
-        model.load_state_dict(ckpt["ema"])
-        config = ckpt["config"]
-        test_x, test_y = train.load_dataset("mnist", config["data_dir"], "test")
-        judge = judge or evaluate.get_judge(config["data_dir"])
+        model, ckpt = generate.load_model(os.path.join(out, "ckpt.pt"), "ema")
+        mcfg = model.cfg
         cfg = types.SimpleNamespace(batch_size=64, eval_iters=20)
         (loss,) = train.estimate_loss([model], test_x, test_y, cfg, train.nullcontext())
         acc, fid, _ = evaluate.judge_model(model, judge, test_x, n_per_class=30, steps=sample_steps)
