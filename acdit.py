@@ -55,7 +55,8 @@ class ACDiTConfig:
     n_timesteps: int = 1000      # DDPM steps T
     beta_start: float = 1e-4     # linear beta schedule, as in DDPM
     beta_end: float = 0.02
-    rope_base: float = 10000.0
+    rope_base: float = 100.0     # RoPE frequencies rope_base^(-k/K); a grid is only a few tokens wide, so
+                                 # a small base (not LLMs' 10000) keeps most frequencies turning
     attn_backend: str = "auto"   # 'flex' (FlexAttention), 'sdpa' (dense mask), 'auto'
 
     def __post_init__(self):
@@ -84,6 +85,8 @@ class ACDiTConfig:
             bad(f"label_dropout={self.label_dropout} must be in [0, 1)")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
             bad(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        if not self.rope_base > 1.0:
+            bad(f"rope_base={self.rope_base} must be greater than 1 (RoPE frequencies are rope_base^(-k/K))")
         if self.mlp_ratio <= 0:
             bad(f"mlp_ratio={self.mlp_ratio} must be positive")
         if self.attn_backend not in ATTN_BACKENDS:

@@ -388,16 +388,17 @@ def test_get_lr_warmup_stable_decay():
 
 def test_parse_config_overrides():
     d = train.DEFAULTS
-    c = train.parse_config(['--batch_size=32', '--learning_rate=1', '--compile=true', '--dataset=cifar10',
+    before = dict(d)
+    c = train.parse_config(['--batch_size=48', '--learning_rate=1', '--compile=true', '--dataset=cifar10',
                             '--out_dir=out-x', '--dtype="float32"', '--ema_decay=0.99'], d)
-    assert c['batch_size'] == 32
+    assert c['batch_size'] == 48 != d['batch_size']
     assert c['learning_rate'] == 1.0 and isinstance(c['learning_rate'], float)  # int is fine for a float
     assert c['compile'] is True and c['dataset'] == 'cifar10' and c['out_dir'] == 'out-x'
     assert c['dtype'] == 'float32' and c['ema_decay'] == 0.99
     assert c['depth'] == d['depth']  # untouched keys keep their default
     assert train.parse_config(['--compile=False'], d)['compile'] is False
     assert train.parse_config(['--out_dir=123'], d)['out_dir'] == '123'  # a string key keeps a string
-    assert train.DEFAULTS == d and d['batch_size'] == 64  # the defaults are not modified
+    assert train.DEFAULTS == before  # the defaults are not modified
 
 
 @pytest.mark.parametrize('arg, fragment', [
@@ -441,7 +442,7 @@ def test_parse_config_file(tmp_path):
                     "learning_rate = 1  # an int for a float key\n"
                     "_private = 'ignored'\n")
     c = train.parse_config([str(path), '--depth=8'], train.DEFAULTS)
-    assert c['batch_size'] == 128 and c['learning_rate'] == 1.0
+    assert c['batch_size'] == 2 * train.DEFAULTS['batch_size'] and c['learning_rate'] == 1.0
     assert c['depth'] == 8  # later arguments win
     assert train.parse_config(['--depth=8', str(path)], train.DEFAULTS)['depth'] == 6
 
@@ -483,7 +484,7 @@ def test_cli_bad_key_is_a_one_line_error():
 def test_cli_help():
     r = run_train_py('--help')
     assert r.returncode == 0
-    assert '--batch_size=64' in r.stdout and '--dataset=' in r.stdout and 'model shape:' in r.stdout
+    assert '--batch_size=32' in r.stdout and '--dataset=' in r.stdout and 'model shape:' in r.stdout
     assert all(f'--{k}=' in r.stdout for k in train.DEFAULTS)
 
 

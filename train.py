@@ -63,12 +63,13 @@ block_w = 7  # ...so 1x7 patches of 4x4 pixels is one row of a 28x28 MNIST image
 depth = 4  # transformer layers
 width = 128  # model dimension
 n_heads = 4  # attention heads (width must be divisible by n_heads)
+rope_base = 100.0  # 2D RoPE frequency base (100 beat 10000 on the 7x7 MNIST grid: class accuracy 0.71 vs 0.62)
 label_dropout = 0.1  # drop the class label this often in training, for classifier-free guidance
 # --- training ---
-max_iters = 3000  # total optimizer steps
-batch_size = 64  # images per optimizer step
+max_iters = 5500  # total optimizer steps (about 18 minutes on 2 CPU cores with these defaults)
+batch_size = 32  # images per optimizer step (on a CPU, 32 gives twice the steps of 64 at the same images/s, and won)
 learning_rate = 3e-3  # peak learning rate (AdamW); QK-norm and grad clipping keep this high lr stable
-warmup_iters = 100  # linear warmup from ~0 to learning_rate over this many steps
+warmup_iters = 200  # linear warmup from ~0 to learning_rate over this many steps
 decay_frac = 0.5  # warmup-stable-decay: decay linearly during the last decay_frac of max_iters (0.5 beat 0.2 in a short CPU run)
 min_lr_frac = 0.1  # ...down to learning_rate * min_lr_frac
 weight_decay = 0.0  # AdamW weight decay
@@ -100,7 +101,7 @@ CHOICES = {
 }
 
 # A checkpoint can only be resumed by a run whose model has the same shape and data.
-MODEL_KEYS = ('dataset', 'patch_size', 'block_h', 'block_w', 'depth', 'width', 'n_heads')
+MODEL_KEYS = ('dataset', 'patch_size', 'block_h', 'block_w', 'depth', 'width', 'n_heads', 'rope_base')
 
 
 # -----------------------------------------------------------------------------
@@ -582,7 +583,7 @@ def model_config(config):
     return acdit.ACDiTConfig(
         img_size=img_size, in_channels=channels, patch_size=config['patch_size'],
         block_h=config['block_h'], block_w=config['block_w'], depth=config['depth'],
-        width=config['width'], n_heads=config['n_heads'], n_classes=10,
+        width=config['width'], n_heads=config['n_heads'], rope_base=config['rope_base'], n_classes=10,
         label_dropout=config['label_dropout'], attn_backend=config['attn_backend'])
 
 
@@ -705,7 +706,9 @@ def main(argv=None):
     start_iter = 0
     if cfg.init_from == 'resume':
         ckpt = load_checkpoint(ckpt_path, map_location=dev)
-        check_compatible(ckpt.get('config', {}), config, path=ckpt_path)
+        # checkpoints from before rope_base was a config key hold it in model_config only
+        ckpt_config = {'rope_base': (ckpt.get('model_config') or {}).get('rope_base'), **ckpt.get('config', {})}
+        check_compatible(ckpt_config, config, path=ckpt_path)
         try:
             model.load_state_dict(ckpt['model'])
             ema.load_state_dict(ckpt['ema'])
