@@ -56,6 +56,7 @@ def reference_scam(n_blocks, block_len):
     (dict(attn_backend="cuda"), ["attn_backend='cuda'"]),
     (dict(depth=0), ["depth=0"]),
     (dict(label_dropout=1.0), ["label_dropout=1.0"]),
+    (dict(rope_base=1.0), ["rope_base=1.0"]),
 ])
 def test_bad_config_names_the_values(kw, words):
     with pytest.raises(ValueError) as e:

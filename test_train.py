@@ -732,6 +732,15 @@ def test_resume_refuses_other_shapes_and_bad_files(tmp_path, capsys):
     msg = str(e.value)
     assert 'checkpoint has depth=1, this run asks depth=2' in msg and '--depth=1' in msg and str(out) in msg
     assert (out / 'ckpt.pt').read_bytes() == before  # untouched
+    # a checkpoint from before rope_base was a config key: its base is read from model_config
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    assert ckpt['model_config']['rope_base'] == train.DEFAULTS['rope_base']  # the config reached the model
+    del ckpt['config']['rope_base']
+    ckpt['model_config']['rope_base'] = 10000.0
+    torch.save(ckpt, out / 'ckpt.pt')
+    with pytest.raises(CheckpointError, match=r'checkpoint has rope_base=10000.0, .*--rope_base=10000.0'):
+        train.main(args + ['--max_iters=2', '--init_from=resume'])
+    (out / 'ckpt.pt').write_bytes(before)
     # a truncated checkpoint, from the command line: a one-line error, exit status 1
     (out / 'ckpt.pt').write_bytes(before[:len(before) // 2])
     r = run_tiny(f'--out_dir={out}', '--max_iters=2', '--init_from=resume')
