@@ -706,8 +706,10 @@ def main(argv=None):
     start_iter = 0
     if cfg.init_from == 'resume':
         ckpt = load_checkpoint(ckpt_path, map_location=dev)
-        # checkpoints from before rope_base was a config key hold it in model_config only
-        ckpt_config = {'rope_base': (ckpt.get('model_config') or {}).get('rope_base'), **ckpt.get('config', {})}
+        # a model key the checkpoint's train config lacks (it predates the key, as rope_base
+        # once did) is read from the model config saved beside it, which has every field
+        built = ckpt.get('model_config') or {}
+        ckpt_config = {**{k: built[k] for k in MODEL_KEYS if k in built}, **ckpt.get('config', {})}
         check_compatible(ckpt_config, config, path=ckpt_path)
         try:
             model.load_state_dict(ckpt['model'])
