@@ -50,7 +50,7 @@ _globals_before_config = set(globals())
 out_dir = 'out'  # checkpoints, samples and logs go here
 init_from = 'scratch'  # 'scratch' (new model) or 'resume' (from out_dir/ckpt.pt)
 eval_interval = 500  # evaluate the test loss (and save a checkpoint) every this many steps
-eval_iters = 20  # batches averaged per evaluation
+eval_iters = 20  # test batches of 32 images averaged per evaluation (32 whatever batch_size is)
 log_interval = 50  # print the training loss every this many steps
 sample_interval = 1000  # save a grid of samples every this many steps
 # --- data ---
@@ -611,12 +611,16 @@ def ema_decay_at(it, ema_decay):
     return min(ema_decay, (1.0 + it) / (10.0 + it))
 
 
+EVAL_BATCH_SIZE = 32  # images per test batch in estimate_loss
+
+
 @torch.no_grad()
 def estimate_loss(models, images, labels, cfg, ctx):
     """Mean training loss of each model on the same eval_iters fixed test batches, with the
-    same fixed timesteps, noise and label dropout: comparable from one eval to the next."""
+    same fixed timesteps, noise and label dropout: comparable from one eval to the next, and
+    between runs with another batch_size (the eval batches do not depend on it)."""
     gen = torch.Generator().manual_seed(0)
-    batches = [get_batch(images, labels, cfg.batch_size, gen) for _ in range(cfg.eval_iters)]
+    batches = [get_batch(images, labels, EVAL_BATCH_SIZE, gen) for _ in range(cfg.eval_iters)]
     out = []
     # torch.manual_seed below reseeds every device, so fork (save and restore) the RNG of the
     # device in use: always the CPU's, plus CUDA's or MPS's when the data lives there
@@ -701,8 +705,11 @@ def main(argv=None):
     model = acdit.ACDiT(mcfg).to(dev)
     ema = acdit.ACDiT(mcfg).to(dev).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
+    # fused AdamW updates all parameters in one kernel: on a 2-core CPU at batch 8 the default
+    # per-tensor loop costs ~5 ms a step (about 8% of it), the fused one ~1 ms
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.99),
+                                  fused=True if dev.type in ('cpu', 'cuda') else None)
     start_iter = 0
     if cfg.init_from == 'resume':
         ckpt = load_checkpoint(ckpt_path, map_location=dev)
