@@ -82,7 +82,7 @@ def main(argv):
             train_s = float(f.read())
         model, ckpt = generate.load_model(os.path.join(out, "ckpt.pt"), "ema")
         mcfg = model.cfg
-        cfg = types.SimpleNamespace(batch_size=64, eval_iters=20)
+        cfg = types.SimpleNamespace(eval_iters=20)
         (loss,) = train.estimate_loss([model], test_x, test_y, cfg, train.nullcontext())
         acc, fid, _ = evaluate.judge_model(model, judge, test_x, n_per_class=30, steps=sample_steps)
         cached = time_sampling(model, True, sample_steps)
