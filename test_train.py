@@ -484,7 +484,7 @@ def test_cli_bad_key_is_a_one_line_error():
 def test_cli_help():
     r = run_train_py('--help')
     assert r.returncode == 0
-    assert '--batch_size=32' in r.stdout and '--dataset=' in r.stdout and 'model shape:' in r.stdout
+    assert f"--batch_size={train.DEFAULTS['batch_size']}" in r.stdout and '--dataset=' in r.stdout and 'model shape:' in r.stdout
     assert all(f'--{k}=' in r.stdout for k in train.DEFAULTS)
 
 
@@ -704,6 +704,11 @@ def test_resume_is_exact(tmp_path, capsys):
     out_a = capsys.readouterr().out
     train.main(common + [f'--out_dir={b}', '--max_iters=3'])
     out_b1 = capsys.readouterr().out
+    # as if saved where AdamW is not fused (MPS): the resumed run still uses this device's choice
+    ckpt = torch.load(b / 'ckpt.pt', weights_only=False)
+    assert ckpt['optimizer']['param_groups'][0]['fused'] is True  # CPU: fused
+    ckpt['optimizer']['param_groups'][0]['fused'] = None
+    torch.save(ckpt, b / 'ckpt.pt')
     train.main(common + [f'--out_dir={b}', '--max_iters=6', '--init_from=resume'])
     out_b2 = capsys.readouterr().out
     assert 'eval @ 3' in out_b1 and (b / 'samples_000003.png').exists() and 'eval @ 3' not in out_a
