@@ -18,7 +18,6 @@ after changing flags.
 import os
 import sys
 import time
-import types
 
 import torch
 
@@ -82,8 +81,7 @@ def main(argv):
             train_s = float(f.read())
         model, ckpt = generate.load_model(os.path.join(out, "ckpt.pt"), "ema")
         mcfg = model.cfg
-        cfg = types.SimpleNamespace(eval_iters=20)
-        (loss,) = train.estimate_loss([model], test_x, test_y, cfg, train.nullcontext())
+        (loss,) = train.estimate_loss([model], test_x, test_y, 20, train.nullcontext())
         acc, fid, _ = evaluate.judge_model(model, judge, test_x, n_per_class=30, steps=sample_steps)
         cached = time_sampling(model, True, sample_steps)
         uncached = time_sampling(model, False, sample_steps)

@@ -50,7 +50,7 @@ _globals_before_config = set(globals())
 out_dir = 'out'  # checkpoints, samples and logs go here
 init_from = 'scratch'  # 'scratch' (new model) or 'resume' (from out_dir/ckpt.pt)
 eval_interval = 1000  # evaluate the test loss (and save a checkpoint) every this many steps
-eval_iters = 20  # test batches of 32 images averaged per evaluation (32 whatever batch_size is)
+eval_iters = 20  # test batches (of 32 images, whatever batch_size is) averaged per evaluation
 log_interval = 100  # print the training loss every this many steps
 sample_interval = 2750  # save a grid of samples every this many steps
 # --- data ---
@@ -615,12 +615,12 @@ EVAL_BATCH_SIZE = 32  # images per test batch in estimate_loss
 
 
 @torch.no_grad()
-def estimate_loss(models, images, labels, cfg, ctx):
+def estimate_loss(models, images, labels, eval_iters, ctx):
     """Mean training loss of each model on the same eval_iters fixed test batches, with the
     same fixed timesteps, noise and label dropout: comparable from one eval to the next, and
     between runs with another batch_size (the eval batches do not depend on it)."""
     gen = torch.Generator().manual_seed(0)
-    batches = [get_batch(images, labels, EVAL_BATCH_SIZE, gen) for _ in range(cfg.eval_iters)]
+    batches = [get_batch(images, labels, EVAL_BATCH_SIZE, gen) for _ in range(eval_iters)]
     out = []
     # torch.manual_seed below reseeds every device, so fork (save and restore) the RNG of the
     # device in use: always the CPU's, plus CUDA's or MPS's when the data lives there
@@ -839,7 +839,7 @@ def main(argv=None):
                     f'elapsed {fmt_time(now - t_start)} | eta {fmt_time(dt * (cfg.max_iters - it))}')
             if it % cfg.eval_interval == 0 or it == cfg.max_iters:
                 if master:
-                    raw, avg = estimate_loss([model, ema], test_images, test_labels, cfg, ctx)
+                    raw, avg = estimate_loss([model, ema], test_images, test_labels, cfg.eval_iters, ctx)
                     log(f'eval @ {it}: test loss {raw:.4f}, ema {avg:.4f}')
                 save(it)
             if master and (it % cfg.sample_interval == 0 or it == cfg.max_iters):
