@@ -85,7 +85,8 @@ def frechet_distance(f1, f2):
 @torch.no_grad()
 def judge_model(model, judge, test_x, n_per_class=50, cfg_scale=2.0, steps=50, sampler="ddim",
                 seed=0, batch=250):
-    """Sample n_per_class images of each class; return (accuracy, FID, sampling seconds)."""
+    """Sample n_per_class images of each class; return (accuracy, FID, sampling seconds,
+    confusion), confusion[i, j] counting samples asked for as class i that the judge read as j."""
     labels = torch.arange(10).repeat_interleave(n_per_class)
     t0 = time.perf_counter()
     imgs = torch.cat([acdit.sample(model, labels[i:i + batch], cfg_scale=cfg_scale, sampler=sampler,
@@ -93,9 +94,21 @@ def judge_model(model, judge, test_x, n_per_class=50, cfg_scale=2.0, steps=50, s
                       for i in range(0, len(labels), batch)])
     seconds = time.perf_counter() - t0
     imgs = train.to_float(train.to_uint8(imgs))                   # judged as saved to a PNG
-    acc = (judge(imgs).argmax(1) == labels).float().mean().item()
+    read = judge(imgs).argmax(1)
+    confusion = torch.zeros(10, 10, dtype=torch.long).index_put_((labels, read), torch.ones_like(read),
+                                                                 accumulate=True)
+    acc = (read == labels).float().mean().item()
     fid = frechet_distance(judge.features(imgs), judge.features(train.to_float(test_x)))
-    return acc, fid, seconds
+    return acc, fid, seconds, confusion
+
+
+def misreadings(confusion, top=4):
+    """The most frequent confusions as text, e.g. '5 read as 3: 13/100'."""
+    off = confusion.clone().fill_diagonal_(0)
+    counts, flat = off.flatten().sort(descending=True, stable=True)  # ties: lower classes first
+    per_class = confusion.sum(1)
+    return ", ".join(f"{i // 10} read as {i % 10}: {c}/{per_class[i // 10]}"
+                     for c, i in zip(counts[:top].tolist(), flat[:top].tolist()) if c > 0) or "none"
 
 
 OPTIONS = {"ckpt": "out/ckpt.pt", "data_dir": "data", "judge": "judge.pt", "n_per_class": 50, "cfg_scale": -1.0,
@@ -122,11 +135,14 @@ def main(argv):
         raise train.ConfigError(f"sampler={sampler!r}: choose one of {', '.join(acdit.SAMPLERS)}")
     judge = get_judge(opt["data_dir"], opt["judge"])
     test_x, _ = train.load_dataset("mnist", opt["data_dir"], "test")
-    acc, fid, seconds = judge_model(model, judge, test_x, opt["n_per_class"], cfg_scale,
-                                    steps, sampler, opt["seed"])
+    acc, fid, seconds, confusion = judge_model(model, judge, test_x, opt["n_per_class"], cfg_scale,
+                                               steps, sampler, opt["seed"])
     print(f"{opt['ckpt']} (iter {ckpt.get('iter_num')}, {opt['weights']}): "
           f"{10 * opt['n_per_class']} samples, {sampler} {steps} steps/block, CFG {cfg_scale}: "
           f"class accuracy {acc:.3f}, FID {fid:.1f} (sampling {seconds:.0f}s)")
+    per_class = confusion.diagonal() / confusion.sum(1)
+    print("accuracy per class: " + "  ".join(f"{c}: {a:.2f}" for c, a in enumerate(per_class.tolist())))
+    print(f"most frequent misreadings: {misreadings(confusion)}")
 
 
 if __name__ == "__main__":

@@ -298,3 +298,20 @@ def test_evaluate_rejects_bad_options_before_any_work(tmp_path):
     (tmp_path / 'notes.txt').write_text('not a checkpoint')
     with pytest.raises(CheckpointError, match='not a complete torch.save archive'):
         evaluate.main([f'--ckpt={tmp_path / "notes.txt"}'])
+
+
+def test_judge_model_counts_what_the_judge_reads(ckpt):
+    """accuracy and the confusion matrix come from the judge's readings of the samples asked
+    for: a judge that reads 'class 3' for every image is right exactly on the 3s."""
+    import evaluate
+
+    class ReadsThree(evaluate.Judge):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((len(x),), 3), 10).float()
+    model, _ = generate.load_model(str(ckpt), 'ema')
+    test_x = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8)
+    acc, fid, _, confusion = evaluate.judge_model(model, ReadsThree(), test_x, n_per_class=3, steps=2)
+    expected = torch.zeros(10, 10, dtype=torch.long)
+    expected[:, 3] = 3
+    assert torch.equal(confusion, expected) and acc == pytest.approx(0.1) and fid > 0
+    assert evaluate.misreadings(confusion, top=2) == '0 read as 3: 3/3, 1 read as 3: 3/3'

@@ -62,7 +62,7 @@ def main(argv):
     budget = ["--max_iters=2000", "--batch_size=64", "--learning_rate=3e-3", "--warmup_iters=100",
               "--rope_base=10000",
               "--eval_interval=2000", "--sample_interval=2000", "--log_interval=500",
-              "--device=cpu", "--decay_frac=0.2", f"--patch_size={PATCH}"]
+              "--device=cpu", "--decay_frac=0.2", f"--patch_size={PATCH}", "--compile=False"]
     # checks the passed flags before any training, and says where the data is
     data_dir = train.parse_config(budget + passthrough, train.DEFAULTS)["data_dir"]
     test_x, test_y = train.load_dataset("mnist", data_dir, "test")
@@ -82,7 +82,7 @@ def main(argv):
         model, ckpt = generate.load_model(os.path.join(out, "ckpt.pt"), "ema")
         mcfg = model.cfg
         (loss,) = train.estimate_loss([model], test_x, test_y, 20, train.nullcontext())
-        acc, fid, _ = evaluate.judge_model(model, judge, test_x, n_per_class=30, steps=sample_steps)
+        acc, fid, _, _ = evaluate.judge_model(model, judge, test_x, n_per_class=30, steps=sample_steps)
         cached = time_sampling(model, True, sample_steps)
         uncached = time_sampling(model, False, sample_steps)
         grid = os.path.join(out, f"samples_{ckpt['iter_num']:06d}.png")
