@@ -607,7 +607,7 @@ def test_main_bad_device_touches_nothing(tmp_path):
 TINY = ['--dataset=mnist', f'--data_dir={MNIST_DIR}', '--device=cpu', '--dtype=float32',
         '--patch_size=7', '--block_h=1', '--block_w=4', '--depth=1', '--width=16', '--n_heads=2',
         '--batch_size=8', '--eval_iters=1', '--sample_steps=2', '--log_interval=1',
-        '--learning_rate=1e-3', '--warmup_iters=2', '--decay_frac=0.0']
+        '--learning_rate=1e-3', '--warmup_iters=2', '--decay_frac=0.0', '--compile=False']
 PROGRESS = re.compile(r'^iter (\d+)/(\d+) \| loss (\S+) \| lr (\S+) \| (\d+) ms/it \| (\d+) img/s \| '
                       r'elapsed \S+ \| eta \S+$', re.M)
 _mnist_cache = {}
