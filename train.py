@@ -760,7 +760,8 @@ def main(argv=None):
     if cfg.compile:
         problem = compile_problem(dev)
         if problem is None:
-            log('compiling the model (the first steps are slow: about 45 s on a 2-core CPU)...')
+            slow = ': about 45 s on a 2-core CPU' if dev.type == 'cpu' else ''
+            log(f'compiling the model (the first steps are slow{slow})...')
             step_model = torch.compile(step_model)
         else:  # a missing compiler should not stop a laptop run: the eager model trains the same
             log(f'warning: torch.compile does not work here ({problem}); training without it, '
