@@ -806,6 +806,18 @@ def test_resume_refuses_other_shapes_and_bad_files(tmp_path, capsys):
 
 
 @pytest.mark.usefixtures('cached_mnist')
+def test_new_run_refuses_to_overwrite_a_checkpoint(tmp_path):
+    out = tmp_path / 'out'
+    args = TINY + [f'--out_dir={out}', '--eval_interval=100', '--sample_interval=100', '--max_iters=1']
+    train.main(args)
+    before = (out / 'ckpt.pt').read_bytes()
+    with pytest.raises(ConfigError, match=r'ckpt.pt already exists and a new run would overwrite it: '
+                                          r'continue that run with --init_from=resume'):
+        train.main(args)
+    assert (out / 'ckpt.pt').read_bytes() == before
+
+
+@pytest.mark.usefixtures('cached_mnist')
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import acdit
     real, calls = acdit.ACDiT.training_loss, []

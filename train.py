@@ -83,7 +83,7 @@ sample_steps = 50  # denoising steps per block when sampling
 seed = 1337  # seeds torch and the batch sampler
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'
 dtype = 'bfloat16'  # 'float32' or 'bfloat16'; bfloat16 autocast is used on CUDA only, float32 elsewhere
-compile = True  # torch.compile the training step: ~45 s to start, then ~1.2x faster on a 2-core CPU (more on GPU); without a working compiler it warns and trains eagerly
+compile = True  # torch.compile the training step: ~45 s to start, then ~1.2x faster on a 2-core CPU; without a working compiler it warns and trains eagerly
 attn_backend = 'auto'  # 'auto', 'flex' (FlexAttention) or 'sdpa' (scaled_dot_product_attention)
 # ----------------------------------------------------------------------------- config end
 DEFAULTS = {k: v for k, v in globals().items()
@@ -704,6 +704,10 @@ def main(argv=None):
     master = rank == 0  # only rank 0 prints and writes files
     log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     ckpt_path = os.path.join(cfg.out_dir, 'ckpt.pt')
+    if cfg.init_from == 'scratch' and os.path.exists(ckpt_path):  # never lose a run by accident
+        raise ConfigError(f'{ckpt_path} already exists and a new run would overwrite it: continue that '
+                          f'run with --init_from=resume (with a larger --max_iters to train longer), '
+                          f'start anew in another --out_dir, or delete the file')
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
     torch.manual_seed(cfg.seed + rank)
@@ -765,7 +769,7 @@ def main(argv=None):
             step_model = torch.compile(step_model)
         else:  # a missing compiler should not stop a laptop run: the eager model trains the same
             log(f'warning: torch.compile does not work here ({problem}); training without it, '
-                f'about 1.25x slower on a CPU. Install a C++ compiler (gcc or clang) to use it, '
+                f'about 1.2x slower on a CPU. Install a C++ compiler (gcc or clang) to use it, '
                 f'or pass --compile=False to skip this check.')
     if ddp:
         step_model = DDP(step_model, device_ids=[dev.index] if dev.type == 'cuda' else None)
