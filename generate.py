@@ -272,7 +272,7 @@ def main(argv=None):
     labels = torch.tensor(classes, device=dev).repeat_interleave(cfg.n_per_class)  # one row per label
     print(f"loaded {cfg.ckpt} ({cfg.weights} weights, iter {ckpt.get('iter_num', '?')}): "
           f'{model.num_params() / 1e6:.2f}M parameters, {mcfg.n_blocks} blocks of {mcfg.block_len} tokens')
-    print(f'sampling {len(labels)} images ({cfg.n_per_class} of each of {len(classes)} labels) on {dev}: '
+    print(f'sampling {len(labels)} images ({cfg.n_per_class} per label, labels {",".join(map(str, classes))}) on {dev}: '
           f'{sampler}, {steps} steps per block, cfg_scale {cfg_scale}, '
           f"{'KV cache' if cfg.use_cache else 'uncached reference'}")
 
