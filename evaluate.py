@@ -97,7 +97,7 @@ def judge_model(model, judge, test_x, n_per_class=50, cfg_scale=2.0, steps=50, s
     read = judge(imgs).argmax(1)
     confusion = torch.zeros(10, 10, dtype=torch.long).index_put_((labels, read), torch.ones_like(read),
                                                                  accumulate=True)
-    acc = (read == labels).float().mean().item()
+    acc = confusion.trace().item() / len(labels)
     fid = frechet_distance(judge.features(imgs), judge.features(train.to_float(test_x)))
     return acc, fid, seconds, confusion
 

@@ -47,7 +47,7 @@ import acdit
 _globals_before_config = set(globals())
 # ----------------------------------------------------------------------------- config start
 # --- I/O ---
-out_dir = 'out'  # checkpoints, samples and logs go here
+out_dir = 'out'  # the checkpoint and sample grids go here (progress is printed, not saved)
 init_from = 'scratch'  # 'scratch' (new model) or 'resume' (from out_dir/ckpt.pt)
 eval_interval = 1000  # evaluate the test loss (and save a checkpoint) every this many steps
 eval_iters = 20  # test batches (of 32 images, whatever batch_size is) averaged per evaluation
