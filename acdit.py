@@ -55,6 +55,8 @@ class ACDiTConfig:
     n_timesteps: int = 1000      # DDPM steps T
     beta_start: float = 1e-4     # linear beta schedule, as in DDPM
     beta_end: float = 0.02
+    min_snr_gamma: float = 0.0   # 0: the paper's unweighted eps-MSE; > 0: Min-SNR-gamma loss weights
+                                 # (Hang et al. 2023), which down-weight the nearly clean timesteps
     rope_base: float = 100.0     # RoPE frequencies rope_base^(-k/K); a grid is only a few tokens wide, so
                                  # a small base (not LLMs' 10000) keeps most frequencies turning
     attn_backend: str = "auto"   # 'flex' (FlexAttention), 'sdpa' (dense mask), 'auto'
@@ -85,6 +87,8 @@ class ACDiTConfig:
             bad(f"label_dropout={self.label_dropout} must be in [0, 1)")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
             bad(f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        if not self.min_snr_gamma >= 0.0:
+            bad(f"min_snr_gamma={self.min_snr_gamma} must be >= 0 (0 turns the weighting off)")
         if not self.rope_base > 1.0:
             bad(f"rope_base={self.rope_base} must be greater than 1 (RoPE frequencies are rope_base^(-k/K))")
         if self.mlp_ratio <= 0:
@@ -524,8 +528,10 @@ class ACDiT(nn.Module):
         _, kvs = self._run(x, None, 1, pos, None, kv_cache)      # c=None: nothing is modulated
         kv_cache.append(kvs)
 
-    def training_loss(self, imgs, labels):
-        """DDPM loss with ACDiT's per-block timesteps: imgs (B, C, H, W) in [-1, 1], labels (B,)."""
+    def training_loss(self, imgs, labels, weighted=True):
+        """DDPM loss with ACDiT's per-block timesteps: imgs (B, C, H, W) in [-1, 1], labels (B,).
+        weighted=False gives the plain eps-MSE whatever min_snr_gamma is (train.py's eval
+        loss, so that runs with and without the weighting compare)."""
         cfg = self.cfg
         x0 = patchify(imgs, cfg)                                  # (B, N*Bl, P)
         B = x0.shape[0]
@@ -536,7 +542,16 @@ class ACDiT(nn.Module):
         y = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         clean = x0[:, :(cfg.n_blocks - 1) * cfg.block_len]       # c_0..c_{N-2}
         eps = self(xt, t, y, clean=clean)
-        return F.mse_loss(eps.float(), noise.float())
+        if cfg.min_snr_gamma == 0 or not weighted:
+            return F.mse_loss(eps.float(), noise.float())
+        # Min-SNR-gamma: weight each block's eps-MSE by min(SNR_t, gamma) / SNR_t, so the
+        # nearly clean timesteps (high SNR) stop dominating and the noisy ones, where the
+        # block's shape and class get decided, get a larger share of the gradient.
+        ab = self.schedule.alpha_bar(t, noise).float()             # (B, N)
+        snr = ab / (1 - ab)
+        w = snr.clamp(max=cfg.min_snr_gamma) / snr                 # (B, N), 1 for noisy t
+        err = (eps.float() - noise.float()).pow(2).view(B, cfg.n_blocks, -1).mean(-1)  # (B, N)
+        return (w * err).mean()
 
 # -----------------------------------------------------------------------------
 # 5. DDPM: schedule, forward noising, and the reverse update

@@ -57,6 +57,7 @@ def reference_scam(n_blocks, block_len):
     (dict(depth=0), ["depth=0"]),
     (dict(label_dropout=1.0), ["label_dropout=1.0"]),
     (dict(rope_base=1.0), ["rope_base=1.0"]),
+    (dict(min_snr_gamma=-1.0), ["min_snr_gamma=-1.0"]),
 ])
 def test_bad_config_names_the_values(kw, words):
     with pytest.raises(ValueError) as e:
@@ -318,6 +319,45 @@ def test_schedule_and_noising_per_block():
     a0, a1 = (torch.prod(1 - betas[:1]), torch.prod(1 - betas))
     assert torch.allclose(xt[:, :4], a0.sqrt() * x0[:, :4] + (1 - a0).sqrt() * noise[:, :4])
     assert torch.allclose(xt[:, 4:], a1.sqrt() * x0[:, 4:] + (1 - a1).sqrt() * noise[:, 4:])
+
+
+@pytest.mark.parametrize("gamma", [0.0, 5.0])
+def test_training_loss_is_the_per_block_weighted_eps_mse(gamma, monkeypatch):
+    """The loss is the mean over blocks of w(t_block) * the block's eps-MSE, where w = 1
+    (the paper) or min(SNR, gamma) / SNR (Min-SNR-gamma), SNR = alpha-bar / (1 - alpha-bar).
+    Recomputed here, one block at a time, from the timesteps and noise the loss drew and the
+    eps the network predicted; weighted=False is the plain eps-MSE for any gamma."""
+    cfg = tiny_config(min_snr_gamma=gamma, label_dropout=0.0)
+    model = randomized(ACDiT(cfg)).train()
+    drawn, predicted = {}, []
+    add_noise = model.schedule.add_noise
+    monkeypatch.setattr(model.schedule, "add_noise",
+                        lambda x0, t, noise: drawn.update(t=t, noise=noise) or add_noise(x0, t, noise))
+    model.register_forward_hook(lambda mod, args, out: predicted.append(out))
+    imgs, labels = torch.rand(5, 1, 8, 8) * 2 - 1, torch.tensor([0, 1, 2, 0, 1])
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+
+    def by_definition(weighted):
+        eps, noise, t = predicted[-1].detach(), drawn["noise"], drawn["t"]
+        total = 0.0
+        for b in range(imgs.shape[0]):
+            for n in range(cfg.n_blocks):
+                ab = torch.prod(1 - betas[:t[b, n] + 1]).item()
+                snr = ab / (1 - ab)
+                w = min(snr, gamma) / snr if (weighted and gamma > 0) else 1.0
+                blk = slice(n * cfg.block_len, (n + 1) * cfg.block_len)
+                total += w * (eps[b, blk] - noise[b, blk]).pow(2).mean().item()
+        return total / (imgs.shape[0] * cfg.n_blocks)
+
+    torch.manual_seed(0)
+    loss = model.training_loss(imgs, labels).item()
+    weighted_ref, plain_ref = by_definition(True), by_definition(False)
+    assert abs(loss - weighted_ref) < 1e-5 * weighted_ref
+    torch.manual_seed(0)  # the same draws again
+    plain = model.training_loss(imgs, labels, weighted=False).item()
+    assert abs(plain - plain_ref) < 1e-5 * plain_ref
+    if gamma > 0:  # some blocks drew a nearly clean t, whose weight is below 1
+        assert (drawn["t"] < 100).any() and loss < plain
 
 
 def test_ddpm_step_is_the_posterior():

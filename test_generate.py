@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parent
 TINY = dict(dataset='mnist', patch_size=7, block_h=1, block_w=4, depth=1, width=16, n_heads=2,
             cfg_scale=1.5, sample_steps=4, sampler='ddim')  # sampling keys differ from train.py's defaults on purpose
 TINY_MODEL = acdit.ACDiTConfig(img_size=28, in_channels=1, patch_size=7, block_h=1, block_w=4,
-                               depth=1, width=16, n_heads=2)
+                               depth=1, width=16, n_heads=2,
+                               min_snr_gamma=train.DEFAULTS['min_snr_gamma'])
 
 
 def random_state(mcfg, seed):

@@ -817,13 +817,36 @@ def test_new_run_refuses_to_overwrite_a_checkpoint(tmp_path):
     assert (out / 'ckpt.pt').read_bytes() == before
 
 
+def test_eval_loss_is_the_plain_eps_mse_whatever_the_weighting():
+    """train.py's eval reports the unweighted eps-MSE, so runs with and without Min-SNR
+    weighting compare; the training loss itself is weighted."""
+    import acdit
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (40,), generator=g)
+    losses = {}
+    for gamma in (0.0, 1.0):
+        mcfg = acdit.ACDiTConfig(patch_size=7, block_w=4, depth=1, width=16, n_heads=2, min_snr_gamma=gamma)
+        torch.manual_seed(0)
+        model = acdit.ACDiT(mcfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3, generator=g.manual_seed(p.numel()))
+        (losses[gamma],) = train.estimate_loss([model], images, labels, 2, train.nullcontext())
+        torch.manual_seed(1)
+        x, y = train.get_batch(images, labels, 8, torch.Generator().manual_seed(2))
+        losses[gamma, 'train'] = model.training_loss(x, y).item()
+    assert losses[0.0] == losses[1.0]
+    assert losses[0.0, 'train'] != losses[1.0, 'train']
+
+
 @pytest.mark.usefixtures('cached_mnist')
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     import acdit
     real, calls = acdit.ACDiT.training_loss, []
 
-    def training_loss(self, imgs, labels):
-        loss = real(self, imgs, labels)
+    def training_loss(self, imgs, labels, weighted=True):
+        loss = real(self, imgs, labels, weighted)
         if torch.is_grad_enabled():  # training steps, not the evaluation
             calls.append(1)
             if len(calls) == 4:  # the 4th step (iter 3, counting from 0)

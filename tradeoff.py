@@ -62,7 +62,8 @@ def main(argv):
     budget = ["--max_iters=2000", "--batch_size=64", "--learning_rate=3e-3", "--warmup_iters=100",
               "--rope_base=10000",
               "--eval_interval=2000", "--sample_interval=2000", "--log_interval=500",
-              "--device=cpu", "--decay_frac=0.2", f"--patch_size={PATCH}", "--compile=False"]
+              "--device=cpu", "--decay_frac=0.2", f"--patch_size={PATCH}", "--compile=False",
+              "--min_snr_gamma=0.0", "--sampler=ddim", "--cfg_scale=2.0"]
     # checks the passed flags before any training, and says where the data is
     data_dir = train.parse_config(budget + passthrough, train.DEFAULTS)["data_dir"]
     test_x, test_y = train.load_dataset("mnist", data_dir, "test")
