@@ -64,7 +64,7 @@ depth = 4  # transformer layers
 width = 128  # model dimension
 n_heads = 4  # attention heads (width must be divisible by n_heads)
 rope_base = 100.0  # 2D RoPE frequency base (100 beat 10000 on the 7x7 MNIST grid: class accuracy 0.71 vs 0.62)
-min_snr_gamma = 0.0  # 0: plain eps-MSE as in the paper; > 0: Min-SNR-gamma loss weighting
+min_snr_gamma = 1.0  # Min-SNR-gamma loss weights (1 beat 2 and 5; CPU recipe, CFG 3: class accuracy 0.75 -> 0.95); 0 = plain eps-MSE as in the paper
 label_dropout = 0.1  # drop the class label this often in training, for classifier-free guidance
 # --- training ---
 max_iters = 20000  # total optimizer steps (about 19 minutes on 2 CPU cores with these defaults)
@@ -77,7 +77,7 @@ weight_decay = 0.0  # AdamW weight decay
 grad_clip = 1.0  # clip the global gradient norm to this (0.0 disables clipping)
 ema_decay = 0.999  # exponential moving average of the weights, used for sampling
 # --- sampling ---
-cfg_scale = 3.0  # classifier-free guidance scale (1.0 = no guidance)
+cfg_scale = 2.0  # classifier-free guidance scale (1.0 = no guidance); higher: surer class, less variety
 sampler = 'ddpm'  # 'ddpm' (ancestral) or 'ddim' (deterministic), for the sample grids
 sample_steps = 50  # denoising steps per block when sampling
 # --- system ---
