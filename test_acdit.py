@@ -321,7 +321,7 @@ def test_schedule_and_noising_per_block():
     assert torch.allclose(xt[:, 4:], a1.sqrt() * x0[:, 4:] + (1 - a1).sqrt() * noise[:, 4:])
 
 
-@pytest.mark.parametrize("gamma", [0.0, 5.0])
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 5.0])
 def test_training_loss_is_the_per_block_weighted_eps_mse(gamma, monkeypatch):
     """The loss is the mean over blocks of w(t_block) * the block's eps-MSE, where w = 1
     (the paper) or min(SNR, gamma) / SNR (Min-SNR-gamma), SNR = alpha-bar / (1 - alpha-bar).

@@ -797,6 +797,18 @@ def test_resume_refuses_other_shapes_and_bad_files(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r'checkpoint has rope_base=10000.0, .*--rope_base=10000.0'):
         train.main(args + ['--max_iters=2', '--init_from=resume'])
     (out / 'ckpt.pt').write_bytes(before)
+    # other training settings may change on resume, but the run says so; a checkpoint from
+    # before the loss weighting existed trained with the plain eps-MSE (min_snr_gamma=0)
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    del ckpt['config']['min_snr_gamma']
+    torch.save(ckpt, out / 'ckpt.pt')
+    capsys.readouterr()
+    train.main(args + ['--max_iters=2', '--init_from=resume', '--min_snr_gamma=1.0', '--learning_rate=2e-3'])
+    note = [line for line in capsys.readouterr().out.splitlines() if line.startswith('note:')]
+    assert note == ["note: this run changes the checkpoint's training settings: min_snr_gamma 0.0 -> 1.0, "
+                    "max_iters 1 -> 2, learning_rate 0.001 -> 0.002 (pass the checkpoint's values to "
+                    "continue the same run)"]
+    (out / 'ckpt.pt').write_bytes(before)
     # a truncated checkpoint, from the command line: a one-line error, exit status 1
     (out / 'ckpt.pt').write_bytes(before[:len(before) // 2])
     r = run_tiny(f'--out_dir={out}', '--max_iters=2', '--init_from=resume')
