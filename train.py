@@ -763,9 +763,11 @@ def main(argv=None):
             if dev.type == 'cuda' and ckpt['rng']['cuda'][rank].numel():
                 torch.cuda.set_rng_state(ckpt['rng']['cuda'][rank].cpu())
         log(f'resumed from {ckpt_path} at iter {start_iter}')
-        saved = ckpt.get('config', {})
-        changed = [f'{k} {saved.get(k, before)!r} -> {config[k]!r}' for k, before in TRAINING_KEYS.items()
-                   if saved.get(k, before) is not None and saved.get(k, before) != config[k]]
+        changed = []
+        for key, predates in TRAINING_KEYS.items():
+            was = ckpt_config.get(key, predates)
+            if was is not None and was != config[key]:
+                changed.append(f'{key} {was!r} -> {config[key]!r}')
         if changed:
             log(f"note: this run changes the checkpoint's training settings: {', '.join(changed)} "
                 f"(pass the checkpoint's values to continue the same run)")
