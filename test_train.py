@@ -213,13 +213,18 @@ def test_mnist_image_label_count_mismatch(tmp_path, monkeypatch):
 # downloads (served from tmp_path through file:// URLs, never the network)
 
 def test_download_failure_names_file_and_directory(tmp_path):
-    data_dir = tmp_path / 'data'
+    data_dir = tmp_path / 'data' / 'mnist'
     with pytest.raises(DataError) as e:
         train.load_dataset('mnist', str(data_dir), 'train')
     msg = str(e.value)
     assert 'could not download train-images-idx3-ubyte.gz' in msg
     assert f'in the directory {data_dir}' in msg and 'train-labels-idx1-ubyte.gz' in msg
-    assert list(data_dir.iterdir()) == []  # no half-downloaded leftovers
+    # the directories it made for the download are gone again, the ones that existed stay
+    assert list(tmp_path.iterdir()) == []
+    data_dir.mkdir(parents=True)
+    with pytest.raises(DataError):
+        train.load_dataset('mnist', str(data_dir), 'train')
+    assert data_dir.is_dir() and list(data_dir.iterdir()) == []  # no half-downloaded leftovers
 
 
 def test_download_function_raising(tmp_path, monkeypatch):
@@ -255,7 +260,7 @@ def test_download_with_wrong_checksum_is_not_kept(tmp_path, monkeypatch):
     data_dir = tmp_path / 'data'
     with pytest.raises(DataError, match='could not download t10k-images-idx3-ubyte.gz.*corrupt'):
         train.load_dataset('mnist', str(data_dir), 'test')
-    assert list(data_dir.iterdir()) == []
+    assert not data_dir.exists()  # nothing kept, not even the directory made for it
 
 
 # -----------------------------------------------------------------------------

@@ -305,8 +305,15 @@ def download(url, path):
 def _download_verified(urls, dest, check, howto):
     """Try each url in turn: download next to dest, check the temp file (raises if bad),
     then rename it into place. The rename is atomic, so dest is either absent or a
-    verified file, never a half-written one, even if we are killed mid-download."""
-    os.makedirs(os.path.dirname(dest) or '.', exist_ok=True)
+    verified file, never a half-written one, even if we are killed mid-download.
+    If every url fails, the directories made for dest are removed again."""
+    directory = os.path.abspath(os.path.dirname(dest) or '.')
+    made = []  # the directories this call creates, deepest first
+    d = directory
+    while not os.path.isdir(d) and d != os.path.dirname(d):
+        made.append(d)
+        d = os.path.dirname(d)
+    os.makedirs(directory, exist_ok=True)
     errors = []
     for url in urls:
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or '.', prefix='.download-', suffix='.part')
@@ -322,6 +329,11 @@ def _download_verified(urls, dest, check, howto):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+    for d in made:  # leave no empty data directory behind a failed download
+        try:
+            os.rmdir(d)
+        except OSError:  # not empty after all (another process wrote there): keep it
+            break
     raise DataError(f"could not download {os.path.basename(dest)} ({'; '.join(errors)}). {howto}")
 
 
