@@ -16,7 +16,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -111,34 +110,39 @@ def misreadings(confusion, top=4):
                      for c, i in zip(counts[:top].tolist(), flat[:top].tolist()) if c > 0) or "none"
 
 
-OPTIONS = {"ckpt": "out/ckpt.pt", "data_dir": "data", "judge": "judge.pt", "n_per_class": 50, "cfg_scale": -1.0,
-           "steps": -1, "sampler": "auto", "seed": 0, "weights": "ema"}
+# (key, default, meaning), shown by --help; the sampling options are generate.py's own
+SAMPLING_OPTIONS = [o for o in generate.OPTIONS if o[0] in ("cfg_scale", "sampler", "steps")]
+OPTIONS = [
+    ("ckpt", "out/ckpt.pt", "checkpoint written by train.py"),
+    ("data_dir", "data", "where the MNIST files are (the judge trains on them, FID compares with them)"),
+    ("judge", "judge.pt", "the judge's weights: trained and saved here on first use, then reused"),
+    ("n_per_class", 50, "samples per class (FID needs a few hundred in all)"),
+    *SAMPLING_OPTIONS,
+    ("seed", 0, "seeds the sampling noise"),
+    ("weights", "ema", "'ema' (the averaged weights) or 'model' (the raw ones)"),
+]
 
 
 def main(argv):
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip() + "\n\noptions (cfg_scale/steps -1, sampler auto: as the checkpoint sampled):\n" +
-              "\n".join(f"  --{k}={v!r}" for k, v in OPTIONS.items()))
+    opt = generate.parse_args(argv, __doc__, OPTIONS)
+    if opt is None:  # --help was printed
         return
-    opt = train.parse_config(argv, OPTIONS, choices={})
-    if opt["n_per_class"] < 1:
-        raise train.ConfigError(f"n_per_class={opt['n_per_class']} must be at least 1")
-    model, ckpt = generate.load_model(opt["ckpt"], opt["weights"])
+    if opt.n_per_class < 1:
+        raise train.ConfigError(f"n_per_class={opt.n_per_class} must be at least 1")
+    if opt.weights not in ("ema", "model"):
+        raise train.ConfigError(f"weights={opt.weights!r}: choose 'ema' or 'model'")
+    generate.sampling_settings(opt)  # a typo in them fails before the checkpoint loads
+    model, ckpt = generate.load_model(opt.ckpt, opt.weights)
     mcfg = model.cfg
     if (mcfg.img_size, mcfg.in_channels, mcfg.n_classes) != (28, 1, 10):
         raise train.ConfigError("the judge knows MNIST only (28x28x1, 10 classes)")
-    trained = {**train.DEFAULTS, **(ckpt.get("config") or {})}  # how the run sampled its grids
-    cfg_scale = opt["cfg_scale"] if opt["cfg_scale"] >= 0 else trained["cfg_scale"]
-    steps = opt["steps"] if opt["steps"] > 0 else trained["sample_steps"]
-    sampler = opt["sampler"] if opt["sampler"] != "auto" else trained["sampler"]
-    if sampler not in acdit.SAMPLERS:
-        raise train.ConfigError(f"sampler={sampler!r}: choose one of {', '.join(acdit.SAMPLERS)}")
-    judge = get_judge(opt["data_dir"], opt["judge"])
-    test_x, _ = train.load_dataset("mnist", opt["data_dir"], "test")
-    acc, fid, seconds, confusion = judge_model(model, judge, test_x, opt["n_per_class"], cfg_scale,
-                                               steps, sampler, opt["seed"])
-    print(f"{opt['ckpt']} (iter {ckpt.get('iter_num')}, {opt['weights']}): "
-          f"{10 * opt['n_per_class']} samples, {sampler} {steps} steps/block, CFG {cfg_scale}: "
+    cfg_scale, steps, sampler = generate.sampling_settings(opt, ckpt.get("config") or {})
+    judge = get_judge(opt.data_dir, opt.judge)
+    test_x, _ = train.load_dataset("mnist", opt.data_dir, "test")
+    acc, fid, seconds, confusion = judge_model(model, judge, test_x, opt.n_per_class, cfg_scale,
+                                               steps, sampler, opt.seed)
+    print(f"{opt.ckpt} (iter {ckpt.get('iter_num')}, {opt.weights}): "
+          f"{10 * opt.n_per_class} samples, {sampler} {steps} steps/block, CFG {cfg_scale}: "
           f"class accuracy {acc:.3f}, FID {fid:.1f} (sampling {seconds:.0f}s)")
     per_class = confusion.diagonal() / confusion.sum(1)
     print("accuracy per class: " + "  ".join(f"{c}: {a:.2f}" for c, a in enumerate(per_class.tolist())))

@@ -299,6 +299,33 @@ def test_evaluate_rejects_bad_options_before_any_work(tmp_path):
     (tmp_path / 'notes.txt').write_text('not a checkpoint')
     with pytest.raises(CheckpointError, match='not a complete torch.save archive'):
         evaluate.main([f'--ckpt={tmp_path / "notes.txt"}'])
+    # a bad sampling option or weights name is caught before the (missing) checkpoint is read
+    missing = f'--ckpt={tmp_path / "missing.pt"}'
+    for bad, message in [('--sampler=euler', "sampler='euler': choose one of ddim, ddpm"),
+                         ('--cfg_scale=strong', 'cfg_scale=strong must be a number'),
+                         ('--steps=0', 'steps=0 must be an integer >= 1'),
+                         ('--weights=best', "weights='best': choose 'ema' or 'model'")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            evaluate.main([missing, bad])
+
+
+@pytest.mark.parametrize('args, expected', [
+    ([], (1.5, 4, 'ddim')),  # 'auto': how the checkpoint's run sampled (TINY)
+    (['--cfg_scale=3', '--steps=10', '--sampler=ddpm'], (3.0, 10, 'ddpm')),
+])
+def test_evaluate_samples_as_the_checkpoint_did_unless_told(ckpt, monkeypatch, capsys, args, expected):
+    import evaluate
+    seen = {}
+
+    def fake_judge_model(model, judge, test_x, n_per_class, cfg_scale, steps, sampler, seed):
+        seen['settings'] = (cfg_scale, steps, sampler)
+        return 1.0, 0.0, 0.0, torch.eye(10, dtype=torch.long) * n_per_class
+    monkeypatch.setattr(evaluate, 'judge_model', fake_judge_model)
+    monkeypatch.setattr(evaluate, 'get_judge', lambda data_dir, path: None)
+    monkeypatch.setattr(train, 'load_dataset', lambda *a: (None, None))
+    evaluate.main([f'--ckpt={ckpt}'] + args)
+    assert seen['settings'] == expected
+    assert f'{expected[2]} {expected[1]} steps/block, CFG {expected[0]}' in capsys.readouterr().out
 
 
 def test_judge_model_counts_what_the_judge_reads(ckpt):
