@@ -814,6 +814,16 @@ def test_resume_refuses_other_shapes_and_bad_files(tmp_path, capsys):
                     "max_iters 1 -> 2, learning_rate 0.001 -> 0.002 (pass the checkpoint's values to "
                     "continue the same run)"]
     (out / 'ckpt.pt').write_bytes(before)
+    # a checkpoint written by another number of processes: its per-process random streams
+    # cannot be split or merged, so they restart, and the run says so
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=False)
+    ckpt['world_size'] = 2
+    torch.save(ckpt, out / 'ckpt.pt')
+    train.main(args + ['--max_iters=2', '--init_from=resume'])
+    text = capsys.readouterr().out
+    assert 'note: the checkpoint was written by 2 process(es) and this run has 1' in text
+    assert f"restart from seed={train.DEFAULTS['seed']}" in text and 'done: 2 iters' in text
+    (out / 'ckpt.pt').write_bytes(before)
     # a truncated checkpoint, from the command line: a one-line error, exit status 1
     (out / 'ckpt.pt').write_bytes(before[:len(before) // 2])
     r = run_tiny(f'--out_dir={out}', '--max_iters=2', '--init_from=resume')

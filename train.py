@@ -610,6 +610,8 @@ def compile_problem(device):
 # training
 
 DATASET_SHAPES = {'mnist': (28, 1), 'cifar10': (32, 3)}  # image size, channels
+# accelerators whose random generator a checkpoint saves besides the CPU's (torch.cuda, torch.mps)
+DEVICE_RNG = {'cuda': torch.cuda, 'mps': torch.mps}
 
 
 def model_config(config):
@@ -769,12 +771,18 @@ def main(argv=None):
             raise CheckpointError(f'checkpoint {ckpt_path} does not fit this model: '
                                   f'{str(e).splitlines()[0]}') from None
         start_iter = ckpt['iter_num']
-        if ckpt.get('world_size', 1) == world:  # same layout: continue the exact random streams
+        saved_world = ckpt.get('world_size', 1)
+        if saved_world == world:  # same layout: continue the exact random streams
             torch.set_rng_state(ckpt['rng']['torch'][rank].cpu())
             batch_gen.set_state(ckpt['rng']['batches'][rank].cpu())
-            if dev.type == 'cuda' and ckpt['rng']['cuda'][rank].numel():
-                torch.cuda.set_rng_state(ckpt['rng']['cuda'][rank].cpu())
+            saved_device_rng = ckpt['rng'].get(dev.type, [])  # CUDA's or MPS's own generator
+            if dev.type in DEVICE_RNG and len(saved_device_rng) > rank and saved_device_rng[rank].numel():
+                DEVICE_RNG[dev.type].set_rng_state(saved_device_rng[rank].cpu())
         log(f'resumed from {ckpt_path} at iter {start_iter}')
+        if saved_world != world:  # each process had its own streams: there is no way to split or merge them
+            log(f'note: the checkpoint was written by {saved_world} process(es) and this run has {world}: '
+                f'weights, optimizer and schedule continue, but the random streams (batches, noise, '
+                f'timesteps) restart from seed={cfg.seed}, so this is not the run it would have been')
         changed = []
         for key, predates in TRAINING_KEYS.items():
             was = ckpt_config.get(key, predates)
@@ -806,8 +814,9 @@ def main(argv=None):
 
     def gather_rng():
         """Every rank's random state, so a resumed run continues each stream exactly."""
+        none = torch.empty(0, dtype=torch.uint8)
         states = {'torch': torch.get_rng_state(), 'batches': batch_gen.get_state(),
-                  'cuda': torch.cuda.get_rng_state() if dev.type == 'cuda' else torch.empty(0, dtype=torch.uint8)}
+                  **{kind: rng.get_rng_state() if dev.type == kind else none for kind, rng in DEVICE_RNG.items()}}
         if not ddp:
             return {k: [v] for k, v in states.items()}
         out = {}
