@@ -60,7 +60,7 @@ def main(argv):
             passthrough.append(arg)
     # pinned, not train.py's defaults (which moved on since), so the README's table stays reproducible
     budget = ["--max_iters=2000", "--batch_size=64", "--learning_rate=3e-3", "--warmup_iters=100",
-              "--rope_base=10000",
+              "--rope_base=10000", "--depth=4",
               "--eval_interval=2000", "--sample_interval=2000", "--log_interval=500",
               "--device=cpu", "--decay_frac=0.2", f"--patch_size={PATCH}", "--compile=False",
               "--min_snr_gamma=0.0", "--sampler=ddim", "--cfg_scale=2.0"]

@@ -52,7 +52,7 @@ init_from = 'scratch'  # 'scratch' (new model) or 'resume' (from out_dir/ckpt.pt
 eval_interval = 1000  # evaluate the test loss (and save a checkpoint) every this many steps
 eval_iters = 20  # test batches (of 32 images, whatever batch_size is) averaged per evaluation
 log_interval = 200  # print the training loss every this many steps
-sample_interval = 5000  # save a grid of samples every this many steps
+sample_interval = 6000  # save a grid of samples every this many steps
 # --- data ---
 dataset = 'mnist'  # 'mnist' or 'cifar10'
 data_dir = 'data'  # where the dataset files are (downloaded there when missing)
@@ -60,14 +60,14 @@ data_dir = 'data'  # where the dataset files are (downloaded there when missing)
 patch_size = 4  # each token is a patch_size x patch_size patch of pixels
 block_h = 1  # a block (the unit of autoregression) is block_h x block_w patches...
 block_w = 7  # ...so 1x7 patches of 4x4 pixels is one row of a 28x28 MNIST image
-depth = 4  # transformer layers
+depth = 3  # transformer layers (3 beat 4 in 20 minutes on 2 CPU cores: shallower, so more steps)
 width = 128  # model dimension
 n_heads = 4  # attention heads (width must be divisible by n_heads)
 rope_base = 100.0  # 2D RoPE frequency base (100 beat 10000 on the 7x7 MNIST grid: class accuracy 0.71 vs 0.62)
 min_snr_gamma = 1.0  # Min-SNR-gamma loss weights (1 beat 2 and 5; at CFG 2 class accuracy 0.64 -> 0.91 in the CPU recipe); 0 = plain eps-MSE as in the paper
 label_dropout = 0.1  # drop the class label this often in training, for classifier-free guidance
 # --- training ---
-max_iters = 20000  # total optimizer steps (about 19 minutes on 2 CPU cores with these defaults)
+max_iters = 24000  # total optimizer steps (about 18 minutes on 2 CPU cores with these defaults)
 batch_size = 8  # images per optimizer step (small batches, many steps: compiled, 8 did best in 20 minutes on 2 CPU cores)
 learning_rate = 3e-3  # peak learning rate (AdamW); QK-norm and grad clipping keep this high lr stable
 warmup_iters = 800  # linear warmup from ~0 to learning_rate over this many steps
