@@ -127,16 +127,12 @@ def main(argv):
     opt = generate.parse_args(argv, __doc__, OPTIONS)
     if opt is None:  # --help was printed
         return
-    if opt.n_per_class < 1:
-        raise train.ConfigError(f"n_per_class={opt.n_per_class} must be at least 1")
-    if opt.weights not in ("ema", "model"):
-        raise train.ConfigError(f"weights={opt.weights!r}: choose 'ema' or 'model'")
-    generate.sampling_settings(opt)  # a typo in them fails before the checkpoint loads
+    generate.check_options(opt)  # a bad option fails before the checkpoint loads
     model, ckpt = generate.load_model(opt.ckpt, opt.weights)
     mcfg = model.cfg
     if (mcfg.img_size, mcfg.in_channels, mcfg.n_classes) != (28, 1, 10):
         raise train.ConfigError("the judge knows MNIST only (28x28x1, 10 classes)")
-    cfg_scale, steps, sampler = generate.sampling_settings(opt, ckpt.get("config") or {})
+    cfg_scale, steps, sampler = generate.check_options(opt, ckpt.get("config") or {})
     judge = get_judge(opt.data_dir, opt.judge)
     test_x, _ = train.load_dataset("mnist", opt.data_dir, "test")
     acc, fid, seconds, confusion = judge_model(model, judge, test_x, opt.n_per_class, cfg_scale,

@@ -116,31 +116,26 @@ def from_checkpoint(cfg, key, kind, train_config, train_key):
     return value
 
 
-def sampling_settings(cfg, train_config=None):
-    """(cfg_scale, steps, sampler) from the options of those names (evaluate.py's too),
-    'auto' resolved from the checkpoint's train config; ConfigError if one is impossible.
-    Without a train config (the checkpoint not loaded yet) 'auto' values come back None."""
+def check_options(cfg, train_config=None):
+    """Raise ConfigError for an impossible option; return (cfg_scale, steps, sampler). Called once
+    before the checkpoint is loaded (a typo should not wait for it; 'auto' values are None
+    then) and once after, with the checkpoint's train config. evaluate.py uses it too (its
+    options are a subset: no --out)."""
+    if cfg.weights not in ('ema', 'model'):
+        raise ConfigError(f"weights={cfg.weights!r}: choose 'ema' or 'model'")
     sampler = cfg.sampler
     if sampler == 'auto' and train_config is not None:
         sampler = train_config.get('sampler', train.DEFAULTS['sampler'])
     if sampler != 'auto' and sampler not in acdit.SAMPLERS:
         raise ConfigError(f"sampler={sampler!r}: choose one of {', '.join(acdit.SAMPLERS)}")
-    return (from_checkpoint(cfg, 'cfg_scale', float, train_config, 'cfg_scale'),
-            from_checkpoint(cfg, 'steps', int, train_config, 'sample_steps'), sampler)
-
-
-def check_options(cfg, train_config=None):
-    """Raise ConfigError for an impossible option; return (cfg_scale, steps, sampler). Called once
-    before the checkpoint is loaded (a typo should not wait for it; 'auto' values are None
-    then) and once after, with the checkpoint's train config."""
-    if cfg.weights not in ('ema', 'model'):
-        raise ConfigError(f"weights={cfg.weights!r}: choose 'ema' or 'model'")
     if cfg.n_per_class < 1:
         raise ConfigError(f'n_per_class={cfg.n_per_class} must be at least 1')
     from PIL import Image  # the grid's format comes from its file name (save_grid uses Pillow)
-    if cfg.out and os.path.splitext(cfg.out)[1].lower() not in Image.registered_extensions():
-        raise ConfigError(f"out={cfg.out!r}: the file name needs an image extension such as .png")
-    return sampling_settings(cfg, train_config)
+    out = getattr(cfg, 'out', '')
+    if out and os.path.splitext(out)[1].lower() not in Image.registered_extensions():
+        raise ConfigError(f"out={out!r}: the file name needs an image extension such as .png")
+    return (from_checkpoint(cfg, 'cfg_scale', float, train_config, 'cfg_scale'),
+            from_checkpoint(cfg, 'steps', int, train_config, 'sample_steps'), sampler)
 
 
 # -----------------------------------------------------------------------------

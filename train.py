@@ -316,7 +316,7 @@ def _download_verified(urls, dest, check, howto):
     os.makedirs(directory, exist_ok=True)
     errors = []
     for url in urls:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest) or '.', prefix='.download-', suffix='.part')
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.download-', suffix='.part')
         os.close(fd)
         try:
             print(f'downloading {url} -> {dest}')
