@@ -1,0 +1,312 @@
+"""
+What every script here shares: the command line, the device, and checkpoints.
+
+- Each script documents its options as a config block of `key = value  # help`
+  lines between two marker comments, nanoGPT style; `parse_args` reads that block
+  for the defaults and --help, then applies config files (*.py) and --key=value
+  overrides, type-checked against the defaults.
+- `pick_device`, `autocast_context`, `compile_problem`: which device, dtype and
+  compiler a run can use, with a clear error instead of a crash.
+- `save_checkpoint` writes atomically; `load_checkpoint` reads with torch's safe
+  loader; `load_model` turns a train.py checkpoint into a model ready to sample.
+"""
+
+import ast
+import difflib
+import math
+import os
+import re
+import sys
+import tempfile
+import types
+import zipfile
+from contextlib import nullcontext
+
+import torch
+
+import acdit
+from data import DataError
+
+# What train.py draws its sample grids with, and so what generate.py and evaluate.py use for
+# a checkpoint that does not record its own settings (train.py's config block says the same).
+SAMPLING_DEFAULTS = {'cfg_scale': 2.0, 'sampler': 'ddpm', 'sample_steps': 50}
+
+
+class ConfigError(ValueError):
+    """A bad command line or config file: shown as one line, exit status 2."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit: shown as one line, exit status 1."""
+
+# -----------------------------------------------------------------------------
+# the config block and the command line
+
+
+def config_block(path):
+    """The options of the script at path, read from its source between the lines ending in
+    'config start' and 'config end': {key: (default, help, group)}, in source order. Each
+    option is a line `key = literal  # help`; a '# --- name ---' line starts a group."""
+    with open(path) as f:
+        lines = f.read().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith('#') and line.endswith('config start'))
+    end = next(i for i, line in enumerate(lines) if line.startswith('#') and line.endswith('config end'))
+    block = lines[start + 1:end]
+    options, group = {}, ''
+    nodes = {node.lineno - 1: node for node in ast.parse('\n'.join(block)).body}
+    for i, line in enumerate(block):
+        heading = re.match(r'^# --- (.*) ---$', line)
+        if heading:
+            group = heading.group(1)
+        elif i in nodes:
+            node = nodes[i]
+            comment = line.encode()[node.end_col_offset:].decode().strip().lstrip('#').strip()  # offsets count bytes
+            options[node.targets[0].id] = (ast.literal_eval(node.value), comment, group)
+    return options
+
+
+def format_help(doc, options):
+    """--help: the script's docstring, then each option with its default and meaning."""
+    lines, group = [doc.strip(), ''], None
+    for key, (default, comment, g) in options.items():
+        if g != group:
+            group = g
+            lines.append(f'{g}:' if g else 'options:')
+        lines.append((f'  --{key}={default!r}'.ljust(34) + f'  {comment}').rstrip())
+    return '\n'.join(lines)
+
+
+def _coerce(value, default):
+    """value if it has the type of default (an int will do for a float), else None. bool
+    first: True is also an int in Python, and --compile=1 or --depth=True are mistakes."""
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ('true', 'false'):
+            return value.lower() == 'true'
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool):
+        return None
+    if isinstance(default, float) and isinstance(value, (int, float)):
+        return float(value)
+    return value if isinstance(value, type(default)) else None
+
+
+def _set(config, key, value, source, choices):
+    """Type-check value against the default of key and store it in config."""
+    valid = 'valid keys: ' + ', '.join(sorted(config))
+    if key not in config:
+        close = difflib.get_close_matches(key, list(config), n=3)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ''
+        raise ConfigError(f"unknown config key '{key}' from {source}{hint}; {valid}")
+    default = config[key]
+    coerced = _coerce(value, default)
+    if coerced is None:
+        want = type(default).__name__ + (' (True/False/true/false)' if isinstance(default, bool) else '')
+        raise ConfigError(f"{key}={value!r} from {source} has type {type(value).__name__}, expected {want} "
+                          f"like the default {key}={default!r}; {valid}")
+    if key in choices and coerced not in choices[key]:
+        raise ConfigError(f"{key}={coerced!r} from {source} is not one of {', '.join(map(repr, choices[key]))}")
+    config[key] = coerced
+
+
+def parse_config(argv, defaults, choices={}):
+    """Apply config files (arguments ending in .py) and --key=value arguments, in the order
+    given, to a copy of defaults. Anything wrong raises ConfigError."""
+    config = dict(defaults)
+    for arg in argv:
+        if arg.startswith('--'):
+            key, eq, text = arg[2:].partition('=')
+            if not eq:
+                raise ConfigError(f"expected --key=value, got '{arg}'; valid keys: {', '.join(sorted(config))}")
+            try:  # a Python literal (3, 1e-3, True, 'x') where it parses as one ...
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            if isinstance(defaults.get(key), str) and not isinstance(value, str):
+                value = text  # ... but a string key takes other text as it is: --out_dir=1 is a folder
+            _set(config, key, value, f"'{arg}'", choices)
+        elif arg.endswith('.py'):
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file '{arg}' not found")
+            with open(arg) as f:
+                source = f.read()
+            # plain Python run with the config so far as its globals, so it can compute values
+            namespace = dict(config)
+            try:
+                exec(compile(source, arg, 'exec'), namespace)
+            except SyntaxError as e:
+                raise ConfigError(f"config file '{arg}' line {e.lineno}: {e.msg}") from None
+            for key, value in namespace.items():
+                if key.startswith('_') or isinstance(value, types.ModuleType):
+                    continue  # Python's own __builtins__, modules the file imported
+                if key not in config or value is not config[key]:
+                    _set(config, key, value, f"config file '{arg}'", choices)
+        else:
+            raise ConfigError(f"unexpected argument '{arg}': use --key=value or a config file ending in .py")
+    return config
+
+
+def parse_args(argv, path, doc, choices={}):
+    """The script at path's options from argv (default sys.argv[1:]) as a namespace, or None
+    once --help has been printed."""
+    argv = sys.argv[1:] if argv is None else argv
+    options = config_block(path)
+    if '-h' in argv or '--help' in argv:
+        print(format_help(doc, options))
+        return None
+    config = parse_config(argv, {k: v[0] for k, v in options.items()}, choices)
+    return types.SimpleNamespace(**config)
+
+
+def check(condition, message):
+    """Raise ConfigError(message) unless condition: for option values out of range."""
+    if not condition:
+        raise ConfigError(message)
+
+
+def run_cli(main):
+    """Run main(); a user's mistake becomes one line on stderr, not a traceback: exit
+    status 2 for a bad option (as argparse does), 1 for a file that cannot be used."""
+    try:
+        main()
+    except (ConfigError, CheckpointError, DataError, OSError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+# -----------------------------------------------------------------------------
+# device, dtype, compiler
+
+
+def pick_device(name):
+    """'auto' -> cuda, else mps, else cpu; otherwise exactly the device asked for, with a
+    clear error (not a crash inside the first .to()) if it is missing."""
+    has = {'cpu': True, 'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available()}
+    if name == 'auto':
+        return torch.device(next(d for d in ('cuda', 'mps', 'cpu') if has[d]))
+    check(name in has, f"unknown device {name!r}, expected one of 'auto', 'cpu', 'cuda', 'mps'")
+    check(has[name], f"device={name!r} is not available with this PyTorch ({torch.__version__}) on this "
+                     f"machine; use --device=auto or --device=cpu")
+    return torch.device(name)
+
+
+def autocast_context(device, dtype):
+    """bfloat16 autocast on CUDA when asked for (and supported); plain float32 elsewhere,
+    where bf16 autocast is slow (CPU) or patchy (MPS)."""
+    if device.type == 'cuda' and dtype == 'bfloat16' and torch.cuda.is_bf16_supported():
+        return torch.autocast('cuda', dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def compile_problem(device):
+    """None if torch.compile works on device, else why not, in one line. Compiling a two-op
+    function finds a missing C++ compiler (CPU) or Triton (CUDA) in seconds, before training."""
+    try:
+        torch.compile(lambda x: (x * 2.0).sin(), dynamic=False)(torch.ones(4, device=device))
+        return None
+    except Exception as e:  # whatever the toolchain raises; its message says what is missing
+        torch._dynamo.reset()
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return f'{type(e).__name__}: {first_line[:300]}'
+
+
+def sync(device):
+    """Wait for queued GPU work, so that a clock measures the work and not its launch."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    elif device.type == 'mps':
+        torch.mps.synchronize()
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def save_checkpoint(path, obj):
+    """torch.save obj to path atomically: a temp file in the same directory, flushed to
+    disk, then renamed over path. A crash or a full disk mid-save keeps the old file."""
+    directory = os.path.dirname(path) or '.'
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: both names are on one filesystem
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path, map_location='cpu'):
+    """torch.load with weights_only=True (tensors, dicts, lists, numbers, strings only);
+    every way that fails becomes a CheckpointError naming the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'no checkpoint at {path}')
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its index at the very end
+        raise CheckpointError(f"could not read checkpoint {path}: not a complete torch.save archive, so "
+                              f"it is probably truncated or corrupt (or not a checkpoint at all). Delete "
+                              f"or replace it (to train anew: --init_from=scratch)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [''])[0]
+        if 'Weights only load failed' in str(e):  # readable, but holds a type the safe loader refuses
+            advice = ('It holds an object that torch.load(weights_only=True) refuses: '
+                      'save only tensors, dicts, lists, numbers and strings in checkpoints')
+        else:
+            advice = 'It is probably truncated or corrupt: delete it, or start with --init_from=scratch'
+        raise CheckpointError(f"could not read checkpoint {path} ({type(e).__name__}: {first_line}). {advice}") from e
+
+
+def load_model(path, weights='ema', device='cpu'):
+    """The ACDiT of a train.py checkpoint with its `weights` ('ema' or 'model'), in eval mode
+    on device, and the checkpoint. Anything unusable raises CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'no checkpoint at {path}: train one with `python train.py` '
+                              f'(it writes <out_dir>/ckpt.pt) or point --ckpt at one')
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('model_config'), dict):
+        raise CheckpointError(f"{path} is not a train.py checkpoint: expected a dict with a "
+                              f"'model_config' entry, found {type(ckpt).__name__}"
+                              + (f" with keys {', '.join(map(str, ckpt))}" if isinstance(ckpt, dict) else ''))
+    if weights not in ckpt:
+        raise CheckpointError(f"{path} has no {weights!r} weights; try --weights="
+                              f"{'model' if weights == 'ema' else 'ema'}")
+    try:
+        # The cached sampler attends with no mask at all, so the backend does not matter
+        # there; the uncached reference and the commit pass use the dense mask.
+        model = acdit.ACDiT(acdit.ACDiTConfig(**dict(ckpt['model_config'], attn_backend='sdpa')))
+        model.load_state_dict(ckpt[weights])
+    except (TypeError, ValueError, RuntimeError) as e:
+        # load_state_dict says 'Error(s) in loading state_dict for ACDiT:', then a line per problem
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or ['']
+        detail = lines[1] if len(lines) > 1 and lines[0].endswith(':') else lines[0]
+        more = f' (and {len(lines) - 2} more)' if len(lines) > 2 else ''
+        raise CheckpointError(f'checkpoint {path} does not fit an ACDiT model: {detail}{more}') from None
+    return model.to(device).eval(), ckpt
+
+
+def sampling_settings(opt, ckpt=None):
+    """(cfg_scale, steps, sampler) from a script's options, where 'auto' means what the
+    checkpoint's run sampled with (SAMPLING_DEFAULTS if it does not say). Called once before
+    the checkpoint is loaded (ckpt=None: only what can be checked without it) and once after."""
+    recorded = {**SAMPLING_DEFAULTS, **((ckpt or {}).get('config') or {})}
+    values = {}
+    for key, ckpt_key, kind in (('cfg_scale', 'cfg_scale', float), ('steps', 'sample_steps', int),
+                                ('sampler', 'sampler', str)):
+        text = getattr(opt, key)
+        if text == 'auto' and ckpt is None:
+            continue
+        text = recorded[ckpt_key] if text == 'auto' else text
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if kind is str:
+            check(value in acdit.SAMPLERS, f"{key}={text!r}: choose one of {', '.join(acdit.SAMPLERS)} or 'auto'")
+        else:
+            check(value is not None and math.isfinite(value) and (kind is float or value >= 1),
+                  f"{key}={text} must be {'an integer >= 1' if kind is int else 'a number'} or 'auto' "
+                  f"(the checkpoint's {ckpt_key})")
+        values[key] = value
+    return values.get('cfg_scale'), values.get('steps'), values.get('sampler')

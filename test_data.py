@@ -1,0 +1,527 @@
+"""
+Tests for data.py: MNIST and CIFAR-10 loading (the real MNIST when this checkout has it,
+else tiny fake files in the official formats), checksums, downloads, batches and image
+grids. Run with: python -m pytest -q test_data.py
+
+None of them touches the network: an autouse fixture points every download URL at a
+file:// path that does not exist, and the download tests serve files from tmp_path.
+"""
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import DataError
+
+REPO = Path(__file__).resolve().parent
+MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'  # the real dataset, when this checkout has it
+ALL_MNIST = [n for pair in data.MNIST_FILES.values() for n in pair]
+
+
+@pytest.fixture(autouse=True)
+def no_network(tmp_path, monkeypatch):
+    """Make any download attempt fail at once, locally, instead of reaching the internet."""
+    nowhere = (tmp_path / 'no-such-mirror').as_uri()
+    monkeypatch.setattr(data, 'MNIST_MIRRORS', [nowhere + '/'])
+    monkeypatch.setattr(data, 'CIFAR10_URLS', [nowhere + '/cifar-10-python.tar.gz'])
+
+
+# -----------------------------------------------------------------------------
+# helpers that write tiny datasets in the official formats
+
+def idx_bytes(array):
+    """Encode a uint8 array in the idx format, the way the MNIST files are written."""
+    header = struct.pack('>I', 0x0800 | array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_fake_mnist(directory, monkeypatch, gz=True, n={'train': 5, 'test': 3}):
+    """Write a tiny MNIST (random 28x28 digits) into directory and make data.py expect
+    its checksums. Returns {split: (images, labels)} as numpy arrays."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, (images_name, labels_name) in data.MNIST_FILES.items():
+        images = rng.integers(0, 256, (n[split], 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, (n[split],), dtype=np.uint8)
+        for name, array in ((images_name, images), (labels_name, labels)):
+            raw = idx_bytes(array)
+            monkeypatch.setitem(data.CHECKSUMS, name, ('sha256', hashlib.sha256(raw).hexdigest()))
+            if gz:
+                (directory / (name + '.gz')).write_bytes(gzip.compress(raw))
+            else:
+                (directory / name).write_bytes(raw)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def cifar_batch(rng, n):
+    return {b'data': rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b'labels': [int(v) for v in rng.integers(0, 10, n)],
+            b'batch_label': b'fake'}
+
+
+def write_fake_cifar(path, batches, extra_members=()):
+    """Write a cifar-10-python.tar.gz with the given {name: pickled dict} batches, in the
+    order given, in the official cifar-10-batches-py/ folder."""
+    with tarfile.open(path, 'w:gz') as tar:
+        for name, obj in list(batches.items()) + list(extra_members):
+            raw = pickle.dumps(obj)
+            info = tarfile.TarInfo(f'cifar-10-batches-py/{name}')
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+
+
+def md5(path):
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# MNIST: the real files
+
+have_real_mnist = all((MNIST_DIR / n).exists() or (MNIST_DIR / (n + '.gz')).exists() for n in ALL_MNIST)
+needs_real_mnist = pytest.mark.skipif(not have_real_mnist, reason=f'real MNIST not found in {MNIST_DIR}')
+
+
+@needs_real_mnist
+def test_real_mnist_loads():
+    images, labels = data.load_dataset('mnist', str(MNIST_DIR), 'train')
+    assert images.shape == (60000, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (60000,) and labels.dtype == torch.int64
+    assert labels.min() == 0 and labels.max() == 9
+    assert torch.bincount(labels).min() > 5000  # every digit is well represented
+    assert images.min() == 0 and images.max() == 255
+    assert labels[0] == 5  # the well-known first training digit
+    images, labels = data.load_dataset('mnist', str(MNIST_DIR), 'test')
+    assert images.shape == (10000, 1, 28, 28) and labels.shape == (10000,)
+    assert labels[0] == 7  # the well-known first test digit
+
+
+@needs_real_mnist
+def test_real_mnist_decompressed_copy_is_identical(tmp_path):
+    for name in ALL_MNIST:
+        src = MNIST_DIR / (name + '.gz')
+        if not src.exists():
+            pytest.skip(f'{src} not present as .gz')
+        (tmp_path / name).write_bytes(gzip.decompress(src.read_bytes()))
+    for split in ('train', 'test'):
+        a = data.load_dataset('mnist', str(MNIST_DIR), split)
+        b = data.load_dataset('mnist', str(tmp_path), split)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@needs_real_mnist
+def test_real_mnist_prints_what_it_loaded(capsys):
+    data.load_dataset('mnist', str(MNIST_DIR), 'train')
+    assert f'loaded mnist train: 60000 images 28x28x1 from {MNIST_DIR}{os.sep}\n' in capsys.readouterr().out
+
+
+# -----------------------------------------------------------------------------
+# MNIST: tiny fake files
+
+@pytest.mark.parametrize('gz', [True, False])
+def test_fake_mnist_loads(tmp_path, monkeypatch, capsys, gz):
+    arrays = write_fake_mnist(tmp_path, monkeypatch, gz=gz)
+    for split, (want_images, want_labels) in arrays.items():
+        images, labels = data.load_dataset('mnist', str(tmp_path), split)
+        assert images.shape == (len(want_images), 1, 28, 28) and images.dtype == torch.uint8
+        assert labels.dtype == torch.int64
+        assert np.array_equal(images[:, 0].numpy(), want_images)
+        assert np.array_equal(labels.numpy(), want_labels)
+    assert f'loaded mnist test: 3 images 28x28x1 from {tmp_path}' in capsys.readouterr().out
+
+
+def test_mnist_mixed_raw_and_gz(tmp_path, monkeypatch):
+    """Some files decompressed, some not: each is found in whichever form it is."""
+    arrays = write_fake_mnist(tmp_path, monkeypatch, gz=True)
+    name = 'train-images-idx3-ubyte'
+    (tmp_path / name).write_bytes(gzip.decompress((tmp_path / (name + '.gz')).read_bytes()))
+    (tmp_path / (name + '.gz')).unlink()
+    images, _ = data.load_dataset('mnist', str(tmp_path), 'train')
+    assert np.array_equal(images[:, 0].numpy(), arrays['train'][0])
+
+
+def test_mnist_wrong_checksum_is_rejected(tmp_path, monkeypatch):
+    write_fake_mnist(tmp_path, monkeypatch)
+    monkeypatch.setitem(data.CHECKSUMS, 'train-labels-idx1-ubyte', ('sha256', '0' * 64))
+    with pytest.raises(DataError) as e:
+        data.load_dataset('mnist', str(tmp_path), 'train')
+    msg = str(e.value)
+    assert 'train-labels-idx1-ubyte.gz' in msg and '0' * 64 in msg and 'Delete it' in msg
+    actual = hashlib.sha256(gzip.decompress((tmp_path / 'train-labels-idx1-ubyte.gz').read_bytes())).hexdigest()
+    assert actual in msg
+    assert (tmp_path / 'train-labels-idx1-ubyte.gz').exists()  # reported, not silently deleted or replaced
+
+
+def test_mnist_corrupted_raw_file_is_rejected(tmp_path, monkeypatch):
+    write_fake_mnist(tmp_path, monkeypatch, gz=False)
+    path = tmp_path / 't10k-images-idx3-ubyte'
+    raw = bytearray(path.read_bytes())
+    raw[100] ^= 0xFF  # one flipped pixel: still a perfectly parseable idx file
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match='t10k-images-idx3-ubyte is corrupt'):
+        data.load_dataset('mnist', str(tmp_path), 'test')
+
+
+def test_mnist_bad_gzip_is_rejected(tmp_path, monkeypatch):
+    write_fake_mnist(tmp_path, monkeypatch)
+    (tmp_path / 't10k-labels-idx1-ubyte.gz').write_bytes(b'this is not gzip data')
+    with pytest.raises(DataError, match='t10k-labels-idx1-ubyte.gz is not a valid gzip file'):
+        data.load_dataset('mnist', str(tmp_path), 'test')
+
+
+def test_mnist_bad_magic_number(tmp_path, monkeypatch):
+    write_fake_mnist(tmp_path, monkeypatch, gz=False)
+    # a labels-style header (1-d) in the images file, with a checksum that matches it,
+    # so it is the parser that must notice
+    bad = idx_bytes(np.zeros(3 * 28 * 28, dtype=np.uint8))
+    (tmp_path / 't10k-images-idx3-ubyte').write_bytes(bad)
+    monkeypatch.setitem(data.CHECKSUMS, 't10k-images-idx3-ubyte', ('sha256', hashlib.sha256(bad).hexdigest()))
+    with pytest.raises(DataError, match=r't10k-images-idx3-ubyte: not an idx file.*0x801.*expected 0x803'):
+        data.load_dataset('mnist', str(tmp_path), 'test')
+
+
+def test_parse_idx_checks_size():
+    raw = idx_bytes(np.zeros((2, 28, 28), dtype=np.uint8))
+    assert data.parse_idx(raw, 'x', 3).shape == (2, 28, 28)
+    with pytest.raises(DataError, match=r'x: header says 2x28x28 = 1568 values but the file has 1567'):
+        data.parse_idx(raw[:-1], 'x', 3)
+    with pytest.raises(DataError, match='magic number missing'):
+        data.parse_idx(b'\x00\x00', 'x', 3)
+    with pytest.raises(DataError, match='not an idx file'):  # right magic, header cut short
+        data.parse_idx(raw[:8], 'x', 3)
+
+
+def test_mnist_image_label_count_mismatch(tmp_path, monkeypatch):
+    write_fake_mnist(tmp_path, monkeypatch, gz=False)
+    labels = idx_bytes(np.zeros(4, dtype=np.uint8))  # 4 labels for 3 test images
+    (tmp_path / 't10k-labels-idx1-ubyte').write_bytes(labels)
+    monkeypatch.setitem(data.CHECKSUMS, 't10k-labels-idx1-ubyte', ('sha256', hashlib.sha256(labels).hexdigest()))
+    with pytest.raises(DataError, match='has 3 images but t10k-labels-idx1-ubyte has 4 labels'):
+        data.load_dataset('mnist', str(tmp_path), 'test')
+
+
+# -----------------------------------------------------------------------------
+# downloads (served from tmp_path through file:// URLs, never the network)
+
+def test_download_failure_names_file_and_directory(tmp_path):
+    data_dir = tmp_path / 'data' / 'mnist'
+    with pytest.raises(DataError) as e:
+        data.load_dataset('mnist', str(data_dir), 'train')
+    msg = str(e.value)
+    assert 'could not download train-images-idx3-ubyte.gz' in msg
+    assert f'in the directory {data_dir}' in msg and 'train-labels-idx1-ubyte.gz' in msg
+    assert '--data_dir' in msg  # ...and how to point at files that are elsewhere
+    # the directories it made for the download are gone again, the ones that existed stay
+    assert list(tmp_path.iterdir()) == []
+    data_dir.mkdir(parents=True)
+    with pytest.raises(DataError):
+        data.load_dataset('mnist', str(data_dir), 'train')
+    assert data_dir.is_dir() and list(data_dir.iterdir()) == []  # no half-downloaded leftovers
+
+
+def test_download_function_raising(tmp_path, monkeypatch):
+    def offline(url, path):
+        raise OSError('network is unreachable')
+    monkeypatch.setattr(data, 'download', offline)
+    with pytest.raises(DataError) as e:
+        data.load_dataset('cifar10', str(tmp_path), 'train')
+    msg = str(e.value)
+    assert 'network is unreachable' in msg and 'cifar-10-python.tar.gz' in msg and str(tmp_path) in msg
+    assert '--data_dir' in msg
+    assert list(tmp_path.iterdir()) == []
+    # nested directories that did not exist are all removed again
+    with pytest.raises(DataError):
+        data.load_dataset('cifar10', str(tmp_path / 'a' / 'b' / 'cifar10'), 'train')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_mirror_is_tried(tmp_path, monkeypatch):
+    tried = []
+
+    def offline(url, path):
+        tried.append(url)
+        raise OSError(f'down: {url}')
+    monkeypatch.setattr(data, 'download', offline)
+    monkeypatch.setattr(data, 'MNIST_MIRRORS', ['https://a.invalid/', 'https://b.invalid/'])
+    with pytest.raises(DataError) as e:
+        data.load_dataset('mnist', str(tmp_path / 'data'), 'test')
+    assert tried == ['https://a.invalid/t10k-images-idx3-ubyte.gz', 'https://b.invalid/t10k-images-idx3-ubyte.gz']
+    assert 'down: https://a.invalid/' in str(e.value) and 'down: https://b.invalid/' in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_goes_to_a_temp_file_in_the_destination_directory(tmp_path, monkeypatch):
+    """The download is written beside its destination under another name and only renamed
+    into place once verified, so an interrupted download never leaves a partial file."""
+    write_fake_mnist(tmp_path / 'mirror', monkeypatch)
+    data_dir = tmp_path / 'data'
+    seen = []
+
+    def fake_download(url, path):
+        name = url.rsplit('/', 1)[-1]
+        seen.append((Path(path), (data_dir / name).exists()))
+        Path(path).write_bytes((tmp_path / 'mirror' / name).read_bytes())
+    monkeypatch.setattr(data, 'download', fake_download)
+    data.load_dataset('mnist', str(data_dir), 'test')
+    assert len(seen) == 2
+    for tmp, dest_existed in seen:
+        assert tmp.parent == data_dir and not tmp.name.endswith('.gz') and not dest_existed
+    assert sorted(p.name for p in data_dir.iterdir()) == ['t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz']
+
+
+def test_download_from_second_mirror(tmp_path, monkeypatch, capsys):
+    """The first mirror is down, the second serves the files: they are fetched, checked
+    and kept, so the next load reads them from disk without downloading."""
+    arrays = write_fake_mnist(tmp_path / 'mirror', monkeypatch)
+    monkeypatch.setattr(data, 'MNIST_MIRRORS', [(tmp_path / 'down').as_uri() + '/',
+                                                (tmp_path / 'mirror').as_uri() + '/'])
+    data_dir = tmp_path / 'data'
+    images, labels = data.load_dataset('mnist', str(data_dir), 'test')
+    assert np.array_equal(labels.numpy(), arrays['test'][1])
+    assert sorted(p.name for p in data_dir.iterdir()) == ['t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz']
+    assert 'downloading' in capsys.readouterr().out
+    data.load_dataset('mnist', str(data_dir), 'test')
+    assert 'downloading' not in capsys.readouterr().out
+
+
+def test_download_with_wrong_checksum_is_not_kept(tmp_path, monkeypatch):
+    write_fake_mnist(tmp_path / 'mirror', monkeypatch)
+    monkeypatch.setattr(data, 'MNIST_MIRRORS', [(tmp_path / 'mirror').as_uri() + '/'])
+    monkeypatch.setitem(data.CHECKSUMS, 't10k-images-idx3-ubyte', ('sha256', 'f' * 64))
+    data_dir = tmp_path / 'data'
+    with pytest.raises(DataError, match='could not download t10k-images-idx3-ubyte.gz.*corrupt'):
+        data.load_dataset('mnist', str(data_dir), 'test')
+    assert not data_dir.exists()  # nothing kept, not even the directory made for it
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10: a tiny archive in the official layout
+
+@pytest.fixture
+def fake_cifar(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    batches = {f'data_batch_{i}': cifar_batch(rng, 2) for i in range(1, 6)}
+    batches['test_batch'] = cifar_batch(rng, 3)
+    # one pixel with a distinct value per channel: row 1, column 2 of the first image
+    first = batches['data_batch_1'][b'data'][0]
+    first[:] = 0
+    first[0 * 1024 + 1 * 32 + 2] = 11  # red
+    first[1 * 1024 + 1 * 32 + 2] = 22  # green
+    first[2 * 1024 + 1 * 32 + 2] = 33  # blue
+    # shuffled member order and unrelated members, as a real archive may have
+    order = ['test_batch', 'data_batch_3', 'data_batch_1', 'data_batch_5', 'data_batch_2', 'data_batch_4']
+    path = tmp_path / 'cifar-10-python.tar.gz'
+    write_fake_cifar(path, {k: batches[k] for k in order},
+                     extra_members=[('batches.meta', {b'label_names': [b'airplane'] * 10})])
+    monkeypatch.setitem(data.CHECKSUMS, 'cifar-10-python.tar.gz', ('md5', md5(path)))
+    return tmp_path, batches
+
+
+def test_fake_cifar_loads(fake_cifar, capsys):
+    data_dir, batches = fake_cifar
+    images, labels = data.load_dataset('cifar10', str(data_dir), 'train')
+    assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.int64
+    assert images[0, :, 1, 2].tolist() == [11, 22, 33]  # channel-major rows: R, G, B planes
+    assert images[0].sum() == 66  # ...and nothing else set (a wrong reshape would move them)
+    names = [f'data_batch_{i}' for i in range(1, 6)]  # in numeric order, not archive order
+    assert labels.tolist() == [label for n in names for label in batches[n][b'labels']]
+    want = np.concatenate([batches[n][b'data'] for n in names]).reshape(10, 3, 32, 32)
+    assert np.array_equal(images.numpy(), want)
+    images, labels = data.load_dataset('cifar10', str(data_dir), 'test')
+    assert images.shape == (3, 3, 32, 32) and labels.tolist() == batches['test_batch'][b'labels']
+    assert 'loaded cifar10 test: 3 images 32x32x3' in capsys.readouterr().out
+
+
+def test_cifar_wrong_md5_is_rejected(fake_cifar, monkeypatch):
+    data_dir, _ = fake_cifar
+    actual = md5(data_dir / 'cifar-10-python.tar.gz')
+    monkeypatch.setitem(data.CHECKSUMS, 'cifar-10-python.tar.gz', ('md5', 'a' * 32))
+    with pytest.raises(DataError) as e:
+        data.load_dataset('cifar10', str(data_dir), 'train')
+    assert 'cifar-10-python.tar.gz is corrupt' in str(e.value) and actual in str(e.value) and 'a' * 32 in str(e.value)
+
+
+class MakesDirectory:
+    """Unpickling this calls os.mkdir(path): a harmless stand-in for a malicious pickle."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_cifar_is_not_unpickled_before_its_md5_passed(tmp_path):
+    marker = tmp_path / 'pickle-ran'
+    payload = MakesDirectory(str(marker))
+    pickle.loads(pickle.dumps(payload))  # the payload does run when unpickled...
+    assert marker.is_dir()
+    marker.rmdir()
+    write_fake_cifar(tmp_path / 'cifar-10-python.tar.gz', {'test_batch': payload})
+    with pytest.raises(DataError, match='cifar-10-python.tar.gz is corrupt'):  # the real md5 is expected
+        data.load_dataset('cifar10', str(tmp_path), 'test')
+    assert not marker.exists()  # ...but not from an archive that failed its md5
+
+
+def test_cifar_download(fake_cifar, monkeypatch, capsys):
+    """The archive is fetched from the second URL when the first fails, checked and kept."""
+    mirror, batches = fake_cifar
+    monkeypatch.setattr(data, 'CIFAR10_URLS', [(mirror / 'down.tar.gz').as_uri(),
+                                               (mirror / 'cifar-10-python.tar.gz').as_uri()])
+    data_dir = mirror / 'data'
+    images, labels = data.load_dataset('cifar10', str(data_dir), 'test')
+    assert labels.tolist() == batches['test_batch'][b'labels']
+    assert [p.name for p in data_dir.iterdir()] == ['cifar-10-python.tar.gz']
+    assert 'downloading' in capsys.readouterr().out
+    monkeypatch.setitem(data.CHECKSUMS, 'cifar-10-python.tar.gz', ('md5', 'a' * 32))
+    with pytest.raises(DataError, match='could not download cifar-10-python.tar.gz.*corrupt'):
+        data.load_dataset('cifar10', str(mirror / 'other'), 'test')
+    assert not (mirror / 'other').exists()
+
+
+def test_cifar_missing_member(tmp_path, monkeypatch):
+    path = tmp_path / 'cifar-10-python.tar.gz'
+    write_fake_cifar(path, {'data_batch_1': cifar_batch(np.random.default_rng(0), 2)})
+    monkeypatch.setitem(data.CHECKSUMS, 'cifar-10-python.tar.gz', ('md5', md5(path)))
+    with pytest.raises(DataError, match='lacks cifar-10-batches-py/test_batch'):
+        data.load_dataset('cifar10', str(tmp_path), 'test')
+
+
+def test_cifar_batch_of_the_wrong_shape(tmp_path, monkeypatch):
+    path = tmp_path / 'cifar-10-python.tar.gz'
+    batch = cifar_batch(np.random.default_rng(0), 2)
+    batch[b'labels'].append(0)  # 3 labels for 2 images
+    write_fake_cifar(path, {'test_batch': batch})
+    monkeypatch.setitem(data.CHECKSUMS, 'cifar-10-python.tar.gz', ('md5', md5(path)))
+    with pytest.raises(DataError, match=r'test_batch has data of shape \(2, 3072\) and 3 labels'):
+        data.load_dataset('cifar10', str(tmp_path), 'test')
+
+
+def test_unknown_dataset_and_split(tmp_path):
+    with pytest.raises(ValueError, match='imagenet'):
+        data.load_dataset('imagenet', str(tmp_path), 'train')
+    with pytest.raises(ValueError, match='val'):
+        data.load_dataset('mnist', str(tmp_path), 'val')
+    assert list(tmp_path.iterdir()) == []  # rejected before any download
+
+
+def test_dataset_shapes(tmp_path, monkeypatch, fake_cifar):
+    assert data.DATASETS == ('mnist', 'cifar10') == tuple(data.DATASET_SHAPES)
+    write_fake_mnist(tmp_path / 'mnist', monkeypatch)
+    for name, data_dir in (('mnist', tmp_path / 'mnist'), ('cifar10', fake_cifar[0])):
+        size, channels = data.DATASET_SHAPES[name]
+        assert data.load_dataset(name, str(data_dir), 'test')[0].shape[1:] == (channels, size, size)
+
+
+# -----------------------------------------------------------------------------
+# batches
+
+def test_pixel_conversion_round_trip():
+    pixels = torch.arange(256, dtype=torch.uint8)
+    x = data.to_float(pixels)
+    assert x.dtype == torch.float32 and x[0] == -1 and x[-1] == 1
+    assert torch.equal(data.to_uint8(x), pixels)
+    assert data.to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # clamped
+
+
+def test_get_batch_pairs_images_with_labels():
+    # image i is filled with the value 20 * i and has label i, so pairing can be checked
+    labels = torch.arange(10)
+    images = (labels * 20).to(torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous()
+    x, y = data.get_batch(images, labels, 32, torch.Generator().manual_seed(0))
+    assert x.shape == (32, 1, 4, 4) and x.dtype == torch.float32 and y.shape == (32,)
+    assert x.min() >= -1 and x.max() <= 1
+    assert torch.equal(data.to_uint8(x), (y * 20).to(torch.uint8).view(32, 1, 1, 1).expand(32, 1, 4, 4))
+    x2, y2 = data.get_batch(images, labels, 32, torch.Generator().manual_seed(0))
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # same seed, same batch
+    _, y3 = data.get_batch(images, labels, 32, torch.Generator().manual_seed(1))
+    assert not torch.equal(y, y3)
+
+
+def test_get_batch_hflip():
+    images = torch.zeros(4, 3, 5, 5, dtype=torch.uint8)
+    images[..., 0] = 255  # a bright left column
+    labels = torch.zeros(4, dtype=torch.int64)
+    x, _ = data.get_batch(images, labels, 200, torch.Generator().manual_seed(0), hflip=True)
+    left, right = (x[..., 0] == 1).all(dim=(1, 2)), (x[..., -1] == 1).all(dim=(1, 2))
+    assert torch.all(left ^ right)  # every image is either as-is or exactly mirrored
+    assert 60 < right.sum() < 140  # about half are mirrored
+    x, _ = data.get_batch(images, labels, 200, torch.Generator().manual_seed(0), hflip=False)
+    assert (x[..., 0] == 1).all()
+
+
+# -----------------------------------------------------------------------------
+# image grids
+
+def test_save_grid(tmp_path):
+    from PIL import Image
+    x = torch.linspace(-1, 1, 5 * 3 * 4 * 6).view(5, 3, 4, 6)
+    data.save_grid(x, tmp_path / 'rgb.png', nrow=3)
+    with Image.open(tmp_path / 'rgb.png') as im:
+        assert im.size == (3 * 6, 2 * 4) and im.mode == 'RGB'
+        assert im.getpixel((6, 0)) == tuple(data.to_uint8(x[1, :, 0, 0]).tolist())  # 2nd image, top-left
+    data.save_grid(torch.zeros(4, 1, 7, 7, dtype=torch.uint8), tmp_path / 'gray.png')
+    with Image.open(tmp_path / 'gray.png') as im:
+        assert im.size == (14, 14) and im.mode == 'L'
+
+
+def test_grid_array_layout():
+    # image i is filled with the value i + 1 in channel 0 and 100 + i in channel 1
+    images = torch.zeros(6, 2, 3, 4, dtype=torch.uint8)
+    for i in range(6):
+        images[i, 0], images[i, 1] = i + 1, 100 + i
+    images[0, 0, 1, 2] = 77  # one marked pixel: row 1, column 2 of the first image
+    grid = data.grid_array(images, 3)
+    assert isinstance(grid, np.ndarray) and grid.dtype == np.uint8 and grid.shape == (2 * 3, 3 * 4, 2)
+    for i in range(6):
+        r, c = divmod(i, 3)  # left to right, then top to bottom
+        cell = grid[r * 3:(r + 1) * 3, c * 4:(c + 1) * 4]
+        assert (cell[..., 1] == 100 + i).all()
+        assert (cell[..., 0] == i + 1).sum() == (11 if i == 0 else 12)
+    assert grid[1, 2, 0] == 77
+    assert np.array_equal(data.grid_array(data.to_float(images), 3), grid)  # floats are converted
+
+
+def test_grid_with_a_partial_last_row(tmp_path):
+    """A batch that is not a multiple of nrow: the last row is padded with black."""
+    from PIL import Image
+    images = torch.full((5, 3, 4, 6), 200, dtype=torch.uint8)
+    grid = data.grid_array(images, 3)
+    assert grid.shape == (2 * 4, 3 * 6, 3)
+    assert (grid[:4] == 200).all() and (grid[4:, :2 * 6] == 200).all()  # 3 + 2 images
+    assert (grid[4:, 2 * 6:] == 0).all()  # the missing 6th image is black
+    assert data.grid_array(images[:2], 4).shape == (4, 4 * 6, 3)  # fewer images than one row
+    assert (data.grid_array(images[:2], 4)[:, 2 * 6:] == 0).all()
+    data.save_grid(images, tmp_path / 'partial.png', nrow=3)
+    with Image.open(tmp_path / 'partial.png') as im:
+        assert im.size == (3 * 6, 2 * 4) and im.mode == 'RGB'
+        assert im.getpixel((0, 4)) == (200, 200, 200) and im.getpixel((2 * 6, 4)) == (0, 0, 0)
+    data.save_grid(images[:, :1], tmp_path / 'gray.png')  # default nrow: ceil(sqrt(5)) = 3
+    with Image.open(tmp_path / 'gray.png') as im:
+        assert im.size == (3 * 6, 2 * 4) and im.mode == 'L'
+        assert im.getpixel((0, 4)) == 200 and im.getpixel((3 * 6 - 1, 2 * 4 - 1)) == 0
+
+
+# -----------------------------------------------------------------------------
+# the module itself
+
+def test_import_is_light_and_self_contained():
+    """data.py imports no other script of the repo, and Pillow only when saving a grid."""
+    code = ('import sys, data; '
+            'print(sorted(m for m in ("PIL", "train", "generate", "acdit", "evaluate") if m in sys.modules))')
+    r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == '[]' and r.stderr == ''
