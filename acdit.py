@@ -571,7 +571,8 @@ class KVCache:
     denoising step writes its block's K/V into the free slot after the committed blocks
     (commit later overwrites it with the clean block's) and attends to a view, no copy."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, rows=None):
+        self.rows = rows                    # batch rows of the buffers (default: the first write's)
         self.total_len = cfg.n_blocks * cfg.block_len
         self.block_len = cfg.block_len
         self.n_blocks = 0                   # committed blocks
@@ -582,13 +583,13 @@ class KVCache:
         """Write k, v (B, H, L, hd) after the committed blocks; return layer's keys and values
         up to their end, as views (B, H, n_blocks*Bl + L, hd)."""
         if self.k[layer] is None:
-            shape = (*k.shape[:2], self.total_len, k.shape[3])
+            shape = (self.rows or k.shape[0], k.shape[1], self.total_len, k.shape[3])
             self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
-        start = self.n_blocks * self.block_len
+        B, start = k.shape[0], self.n_blocks * self.block_len  # B may be fewer rows than the buffer's
         end = start + k.shape[2]
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer][:B, :, start:end] = k
+        self.v[layer][:B, :, start:end] = v
+        return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]
 
     def nbytes(self):
         return sum(t.nbytes for t in self.k + self.v if t is not None)
@@ -599,7 +600,7 @@ SAMPLERS = {"ddim": 0.0, "ddpm": 1.0, "dpm++": 0.0}  # sampler name -> eta of DD
 
 @torch.no_grad()
 def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=None,
-           use_cache=True, prefix=None, clip_x0=True, callback=None):
+           use_cache=True, prefix=None, clip_x0=True, callback=None, cfg_interval=None):
     """Generate images for `labels` (B,), block by block. Returns (B, C, H, W), in [-1, 1]
     when clip_x0 (the default).
 
@@ -611,6 +612,8 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
     `generator` (a torch.Generator on the model's device), so they agree.
     prefix: (B, K*Bl, P) tokens of the first K blocks, given clean (prefix completion): they
     fill the cache in one pass and blocks K..N-1 are generated; they come out unchanged.
+    cfg_interval=(t_lo, t_hi) guides only the steps with t_lo <= t <= t_hi (Kynkaanniemi et al.
+    2024); the other steps run the conditional half alone.
     callback(block, step, clean, x, x0), if given, sees every intermediate state:
     clean (B, i*Bl, P) finished blocks, x the current block's x_t, x0 its predicted x_0."""
     cfg = model.cfg
@@ -626,9 +629,12 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
     B, Bl = labels.shape[0], cfg.block_len
     clean = torch.zeros(B, 0, cfg.patch_dim, device=p.device, dtype=dtype) if prefix is None else \
         prefix.to(p.device, dtype)                                # (B, K*Bl, P)
-    if clean.shape[0] != B or clean.shape[1] % Bl or clean.shape[1] >= cfg.n_blocks * Bl:
+    if clean.ndim != 3 or clean.shape[0] != B or clean.shape[1] % Bl or clean.shape[1] >= cfg.n_blocks * Bl \
+            or clean.shape[2] != cfg.patch_dim:
         raise ValueError(f"prefix {tuple(clean.shape)}: expected (B={B}, K*{Bl}, {cfg.patch_dim}) "
                          f"for K < {cfg.n_blocks} given blocks")
+    if cfg_interval is not None and not (len(cfg_interval) == 2 and 0 <= cfg_interval[0] <= cfg_interval[1]):
+        raise ValueError(f"cfg_interval={cfg_interval!r}: expected timesteps (lo, hi) with 0 <= lo <= hi")
     ts = model.schedule.sampling_timesteps(steps)
     guided = cfg_scale != 1.0
     y = torch.cat([labels, torch.full_like(labels, model.null_label)]) if guided else labels
@@ -638,7 +644,7 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
 
     was_training = model.training
     model.eval()
-    cache = KVCache(cfg)
+    cache = KVCache(cfg, y.shape[0])
     if use_cache:
         model.commit(rows(clean), cache)                          # the prefix, in one pass
     try:
@@ -648,11 +654,13 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
             for s, t in enumerate(ts):
                 t_prev = ts[s + 1] if s + 1 < len(ts) else -1     # -1: the last step lands on x_0
                 if not use_cache:  # the reference: rebuild the cache from scratch every step
-                    cache = KVCache(cfg)
+                    cache = KVCache(cfg, y.shape[0])
                     model.commit(rows(clean), cache)
-                tt = torch.full((y.shape[0], 1), t, device=p.device)
-                eps = model(rows(x), tt, y, cache=cache).to(dtype)
-                if guided:
+                guide = guided and (cfg_interval is None or cfg_interval[0] <= t <= cfg_interval[1])
+                n = y.shape[0] if guide else B                    # unguided: the conditional rows only
+                tt = torch.full((n, 1), t, device=p.device)
+                eps = model(rows(x)[:n], tt, y[:n], cache=cache).to(dtype)
+                if guide:
                     eps_c, eps_u = eps.chunk(2)
                     eps = eps_u + cfg_scale * (eps_c - eps_u)
                 x, x0 = model.schedule.step(x, eps, t, t_prev, SAMPLERS[sampler], generator,

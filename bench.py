@@ -6,7 +6,7 @@ Benchmark ACDiT on this machine and print a Markdown table:
   - on CUDA also FlexAttention (compiled) against the dense-mask SDPA path in training,
 each for the MNIST default model and a longer sequence (32x32x3 at patch 2, 16 blocks of 16).
 
-    python bench.py                   # about two minutes on a 2-core CPU
+    python bench.py                   # about 5 minutes on a 2-core CPU
     python bench.py --quick=True      # tiny models, done in seconds (what the tests run)
     python bench.py --device=cuda --batch_size=64 --reps=10
 """

@@ -1,14 +1,8 @@
 """
-What every script here shares: the command line, the device, and checkpoints.
-
-- Each script documents its options as a config block of `key = value  # help`
-  lines between two marker comments, nanoGPT style; `parse_args` reads that block
-  for the defaults and --help, then applies config files (*.py) and --key=value
-  overrides, type-checked against the defaults.
-- `pick_device`, `autocast_context`, `compile_problem`: which device, dtype and
-  compiler a run can use, with a clear error instead of a crash.
-- `save_checkpoint` writes atomically; `load_checkpoint` reads with torch's safe
-  loader; `load_model` turns a train.py checkpoint into a model ready to sample.
+What every script here shares: its command line (defaults and --help from a nanoGPT-style
+config block of `key = value  # help` lines, then config files and --key=value overrides,
+type-checked), the device, dtype and compiler a run can use (or a clear error), and
+checkpoints: saved atomically, read with torch's safe loader, made into a model to sample.
 """
 
 import ast
@@ -18,6 +12,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 import types
 import zipfile
 from contextlib import nullcontext
@@ -44,22 +39,18 @@ class CheckpointError(RuntimeError):
 
 
 def config_block(path):
-    """The options of the script at path, read from its source between the lines ending in
-    'config start' and 'config end': {key: (default, help, group)}, in source order. Each
-    option is a line `key = literal  # help`; a '# --- name ---' line starts a group."""
+    """{key: (default, help, group)} from the `key = literal  # help` lines of the script at path between
+    the comments ending in 'config start' and 'config end'; a '# --- name ---' line starts a group."""
     with open(path) as f:
         lines = f.read().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith('#') and line.endswith('config start'))
     end = next(i for i, line in enumerate(lines) if line.startswith('#') and line.endswith('config end'))
-    block = lines[start + 1:end]
-    options, group = {}, ''
+    block, options, group = lines[start + 1:end], {}, ''
     nodes = {node.lineno - 1: node for node in ast.parse('\n'.join(block)).body}
     for i, line in enumerate(block):
-        heading = re.match(r'^# --- (.*) ---$', line)
-        if heading:
+        if heading := re.match(r'^# --- (.*) ---$', line):
             group = heading.group(1)
-        elif i in nodes:
-            node = nodes[i]
+        elif node := nodes.get(i):
             comment = line.encode()[node.end_col_offset:].decode().strip().lstrip('#').strip()  # offsets count bytes
             options[node.targets[0].id] = (ast.literal_eval(node.value), comment, group)
     return options
@@ -76,36 +67,26 @@ def format_help(doc, options):
     return '\n'.join(lines)
 
 
-def _coerce(value, default):
-    """value if it has the type of default (an int will do for a float), else None. bool
-    first: True is also an int in Python, and --compile=1 or --depth=True are mistakes."""
-    if isinstance(default, bool):
-        if isinstance(value, str) and value.lower() in ('true', 'false'):
-            return value.lower() == 'true'
-        return value if isinstance(value, bool) else None
-    if isinstance(value, bool):
-        return None
-    if isinstance(default, float) and isinstance(value, (int, float)):
-        return float(value)
-    return value if isinstance(value, type(default)) else None
-
-
 def _set(config, key, value, source, choices):
-    """Type-check value against the default of key and store it in config."""
+    """Store value in config[key] if it has the type of the default (an int will do for a float)."""
     valid = 'valid keys: ' + ', '.join(sorted(config))
     if key not in config:
         close = difflib.get_close_matches(key, list(config), n=3)
         hint = f" (did you mean {' or '.join(close)}?)" if close else ''
         raise ConfigError(f"unknown config key '{key}' from {source}{hint}; {valid}")
     default = config[key]
-    coerced = _coerce(value, default)
-    if coerced is None:
+    if isinstance(default, bool) and isinstance(value, str) and value.lower() in ('true', 'false'):
+        value = value.lower() == 'true'
+    elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    # a bool only for a bool: True is also an int in Python, and --compile=1 or --depth=True are mistakes
+    if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, type(default)):
         want = type(default).__name__ + (' (True/False/true/false)' if isinstance(default, bool) else '')
         raise ConfigError(f"{key}={value!r} from {source} has type {type(value).__name__}, expected {want} "
                           f"like the default {key}={default!r}; {valid}")
-    if key in choices and coerced not in choices[key]:
-        raise ConfigError(f"{key}={coerced!r} from {source} is not one of {', '.join(map(repr, choices[key]))}")
-    config[key] = coerced
+    if key in choices and value not in choices[key]:
+        raise ConfigError(f"{key}={value!r} from {source} is not one of {', '.join(map(repr, choices[key]))}")
+    config[key] = value
 
 
 def parse_config(argv, defaults, choices={}):
@@ -127,17 +108,19 @@ def parse_config(argv, defaults, choices={}):
         elif arg.endswith('.py'):
             if not os.path.isfile(arg):
                 raise ConfigError(f"config file '{arg}' not found")
-            with open(arg) as f:
-                source = f.read()
-            # plain Python run with the config so far as its globals, so it can compute values
-            namespace = dict(config)
+            namespace = dict(config)  # plain Python, with the config so far as globals to compute from
             try:
-                exec(compile(source, arg, 'exec'), namespace)
+                with open(arg) as f:
+                    exec(compile(f.read(), arg, 'exec'), namespace)
             except SyntaxError as e:
                 raise ConfigError(f"config file '{arg}' line {e.lineno}: {e.msg}") from None
+            except Exception as e:  # the file ran and failed: say where, as for a syntax error
+                line = next((fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__))
+                             if fr.filename == arg), '?')
+                raise ConfigError(f"config file '{arg}' line {line}: {type(e).__name__}: {e}") from None
             for key, value in namespace.items():
-                if key.startswith('_') or isinstance(value, types.ModuleType):
-                    continue  # Python's own __builtins__, modules the file imported
+                if key.startswith('_') or isinstance(value, (types.ModuleType, types.FunctionType, type)):
+                    continue  # Python's own __builtins__, modules, helper functions and classes
                 if key not in config or value is not config[key]:
                     _set(config, key, value, f"config file '{arg}'", choices)
         else:
@@ -146,15 +129,13 @@ def parse_config(argv, defaults, choices={}):
 
 
 def parse_args(argv, path, doc, choices={}):
-    """The script at path's options from argv (default sys.argv[1:]) as a namespace, or None
-    once --help has been printed."""
+    """The script at path's options from argv (default sys.argv[1:]), or None once --help is printed."""
     argv = sys.argv[1:] if argv is None else argv
     options = config_block(path)
     if '-h' in argv or '--help' in argv:
         print(format_help(doc, options))
         return None
-    config = parse_config(argv, {k: v[0] for k, v in options.items()}, choices)
-    return types.SimpleNamespace(**config)
+    return types.SimpleNamespace(**parse_config(argv, {k: v[0] for k, v in options.items()}, choices))
 
 
 def check(condition, message):
@@ -230,7 +211,7 @@ def save_checkpoint(path, obj):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: both names are on one filesystem
+        os.replace(tmp, path)  # atomic, as both names are on one filesystem
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -250,11 +231,9 @@ def load_checkpoint(path, map_location='cpu'):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         first_line = (str(e).strip().splitlines() or [''])[0]
-        if 'Weights only load failed' in str(e):  # readable, but holds a type the safe loader refuses
-            advice = ('It holds an object that torch.load(weights_only=True) refuses: '
-                      'save only tensors, dicts, lists, numbers and strings in checkpoints')
-        else:
-            advice = 'It is probably truncated or corrupt: delete it, or start with --init_from=scratch'
+        advice = ('It holds an object that torch.load(weights_only=True) refuses: save only tensors, dicts, '
+                  'lists, numbers and strings in checkpoints' if 'Weights only load failed' in str(e) else
+                  'It is probably truncated or corrupt: delete it, or start with --init_from=scratch')
         raise CheckpointError(f"could not read checkpoint {path} ({type(e).__name__}: {first_line}). {advice}") from e
 
 
@@ -273,8 +252,7 @@ def load_model(path, weights='ema', device='cpu'):
         raise CheckpointError(f"{path} has no {weights!r} weights; try --weights="
                               f"{'model' if weights == 'ema' else 'ema'}")
     try:
-        # The cached sampler attends with no mask at all, so the backend does not matter
-        # there; the uncached reference and the commit pass use the dense mask.
+        # sdpa whatever it trained with: sampling attends with no mask (cached) or the dense one
         model = acdit.ACDiT(acdit.ACDiTConfig(**dict(ckpt['model_config'], attn_backend='sdpa')))
         model.load_state_dict(ckpt[weights])
     except (TypeError, ValueError, RuntimeError) as e:
@@ -287,26 +265,39 @@ def load_model(path, weights='ema', device='cpu'):
 
 
 def sampling_settings(opt, ckpt=None):
-    """(cfg_scale, steps, sampler) from a script's options, where 'auto' means what the
-    checkpoint's run sampled with (SAMPLING_DEFAULTS if it does not say). Called once before
-    the checkpoint is loaded (ckpt=None: only what can be checked without it) and once after."""
+    """(cfg_scale, steps, sampler) from a script's options, where 'auto' means what the checkpoint's
+    run sampled with (else SAMPLING_DEFAULTS). Called once before the checkpoint loads (ckpt=None:
+    'auto' gives None, and only the values given are checked) and once after."""
     recorded = {**SAMPLING_DEFAULTS, **((ckpt or {}).get('config') or {})}
-    values = {}
+    settings = []
     for key, ckpt_key, kind in (('cfg_scale', 'cfg_scale', float), ('steps', 'sample_steps', int),
                                 ('sampler', 'sampler', str)):
         text = getattr(opt, key)
         if text == 'auto' and ckpt is None:
+            settings.append(None)
             continue
         text = recorded[ckpt_key] if text == 'auto' else text
         try:
             value = kind(text)
-        except (TypeError, ValueError):
-            value = None
+        except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf), from a checkpoint
+            value = math.nan
         if kind is str:
             check(value in acdit.SAMPLERS, f"{key}={text!r}: choose one of {', '.join(acdit.SAMPLERS)} or 'auto'")
         else:
-            check(value is not None and math.isfinite(value) and (kind is float or value >= 1),
-                  f"{key}={text} must be {'an integer >= 1' if kind is int else 'a number'} or 'auto' "
-                  f"(the checkpoint's {ckpt_key})")
-        values[key] = value
-    return values.get('cfg_scale'), values.get('steps'), values.get('sampler')
+            check(math.isfinite(value) and (kind is float or value >= 1), f"{key}={text} must be "
+                  f"{'an integer >= 1' if kind is int else 'a number'} or 'auto' (the checkpoint's {ckpt_key})")
+        settings.append(value)
+    return tuple(settings)
+
+
+def parse_cfg_interval(text):
+    """--cfg_interval: '' -> None (guide every step), 'lo,hi' -> (lo, hi), the timesteps whose
+    steps get guidance (acdit.sample's cfg_interval)."""
+    if text == '':
+        return None
+    try:
+        lo, hi = (int(v) for v in str(text).split(','))
+    except ValueError:
+        raise ConfigError(f"cfg_interval={text!r}: expected two timesteps 'lo,hi', e.g. 200,800, or ''") from None
+    check(0 <= lo <= hi, f'cfg_interval={text!r}: need 0 <= lo <= hi')
+    return lo, hi

@@ -30,6 +30,7 @@ n_per_class = 100  # samples per class (1000 in all: FID needs a few hundred)
 cfg_scale = 'auto'  # classifier-free guidance; 'auto' = what the checkpoint's run sampled with
 sampler = 'auto'  # 'ddpm', 'ddim' or 'dpm++'; 'auto' as above
 steps = 'auto'  # denoising steps per block; 'auto' as above
+cfg_interval = ''  # 'lo,hi': guide only the steps with lo <= t <= hi ('' = every step)
 seed = 0  # seeds the sampling noise
 weights = 'ema'  # 'ema' (the averaged weights) or 'model' (the raw ones)
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'
@@ -43,11 +44,18 @@ def main(argv=None):
     cli.check(opt.weights in ('ema', 'model'), f"weights={opt.weights!r}: choose 'ema' or 'model'")
     cli.check(opt.n_per_class >= 1, f'n_per_class={opt.n_per_class} must be at least 1')
     cli.sampling_settings(opt)  # a bad option fails before the checkpoint loads
+    interval = cli.parse_cfg_interval(opt.cfg_interval)
     if opt.npz:
-        with np.load(opt.npz) as f:
-            images, labels = torch.from_numpy(f['images']).permute(0, 3, 1, 2), torch.from_numpy(f['labels']).long()
-        cli.check(images.shape[1:] == (1, 28, 28) and images.dtype == torch.uint8,
-                  f'{opt.npz}: the judge knows MNIST only (uint8 images 28x28x1), got {tuple(images.shape[1:])}')
+        try:
+            with np.load(opt.npz) as f:
+                images, labels = torch.from_numpy(f['images']), torch.from_numpy(f['labels']).long()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise cli.CheckpointError(f'{opt.npz} is not an NPZ of images and labels as generate.py '
+                                      f'--npz writes ({type(e).__name__}: {e})') from None
+        cli.check(images.dtype == torch.uint8 and tuple(images.shape[1:]) == (28, 28, 1),
+                  f'{opt.npz}: the judge knows MNIST only, uint8 images (N, 28, 28, 1); got '
+                  f'{images.dtype} {tuple(images.shape)}')
+        images = images.permute(0, 3, 1, 2)
         cli.check(labels.shape == (len(images),) and bool(((labels >= 0) & (labels < 10)).all()),
                   f'{opt.npz}: expected one label in 0..9 per image')
         what = f'{opt.npz}: {len(images)} images'
@@ -58,11 +66,14 @@ def main(argv=None):
         cli.check((mcfg.img_size, mcfg.in_channels, mcfg.n_classes) == (28, 1, 10),
                   'the judge knows MNIST only (28x28x1, 10 classes)')
         cfg_scale, steps, sampler = cli.sampling_settings(opt, ckpt)
-        images, labels, seconds = sample_images(model, opt.n_per_class, cfg_scale, steps, sampler, opt.seed)
-        what = (f"{opt.ckpt} (iter {ckpt.get('iter_num')}, {opt.weights}): {len(images)} samples, {sampler} "
-                f'{steps} steps/block, CFG {cfg_scale} (sampling {seconds:.0f}s)')
-    judge = get_judge(opt.data_dir, opt.judge)
+    judge = get_judge(opt.data_dir, opt.judge)  # before sampling: a bad --data_dir fails at once
     test_x, test_y = data.load_dataset('mnist', opt.data_dir, 'test')
+    if not opt.npz:
+        images, labels, seconds = sample_images(model, opt.n_per_class, cfg_scale, steps, sampler, opt.seed,
+                                                cfg_interval=interval)
+        what = (f"{opt.ckpt} (iter {ckpt.get('iter_num')}, {opt.weights}): {len(images)} samples, {sampler} "
+                f'{steps} steps/block, CFG {cfg_scale}{f" on t in {list(interval)}" if interval else ""} '
+                f'(sampling {seconds:.0f}s)')
     acc, fid, confusion = judge_images(judge, images, labels, test_x)
     # the ceiling: as many real test images, the first of each class in the same proportions
     picks = torch.cat([(test_y == y).nonzero()[:int((labels == y).sum()), 0] for y in range(10)])

@@ -33,6 +33,7 @@ n_per_class = 10  # samples per label (per source image with prefix_blocks): the
 cfg_scale = 'auto'  # classifier-free guidance (1.0 = none); 'auto' = what the checkpoint's run sampled with
 sampler = 'auto'  # 'ddpm' (ancestral), 'ddim' (deterministic), 'dpm++' (DPM-Solver++(2M)); 'auto' as above
 steps = 'auto'  # denoising steps per block; 'auto' as above
+cfg_interval = ''  # 'lo,hi': guide only the steps with lo <= t <= hi ('' = every step)
 seed = 0  # seeds the noise: the same seed gives the same images, cached or not
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'
 use_cache = True  # keep finished blocks' keys/values in a KV cache; False rebuilds it every step
@@ -65,10 +66,12 @@ def check_options(opt):
     cli.check(opt.n_per_class >= 1, f'n_per_class={opt.n_per_class} must be at least 1')
     cli.check(opt.sources >= 1, f'sources={opt.sources} must be at least 1')
     cli.check(opt.prefix_blocks >= 0, f'prefix_blocks={opt.prefix_blocks} must be >= 0')
+    cli.check(0 <= opt.seed < 2**63, f'seed={opt.seed} must be in [0, 2**63)')
     from PIL import Image  # the grid's format comes from its file name
     cli.check(not opt.out or os.path.splitext(opt.out)[1].lower() in Image.registered_extensions(),
               f"out={opt.out!r}: the file name needs an image extension such as .png")
     cli.sampling_settings(opt)
+    cli.parse_cfg_interval(opt.cfg_interval)
 
 
 def mark_generated(images, mcfg, n_given):
@@ -143,7 +146,7 @@ def main(argv=None):
           f"{sampler}, {steps} steps per block, cfg_scale {cfg_scale}, {'KV cache' if opt.use_cache else 'uncached reference'}")
 
     gif = GifRecorder(mcfg, nrow - bool(K), steps) if opt.gif else None
-    every = max(1, mcfg.n_blocks // 4)  # about four progress lines per run
+    every = math.ceil(mcfg.n_blocks / 4)  # at most four progress lines per run
     t0 = time.perf_counter()
 
     def callback(block, step, clean, x, x0):
@@ -163,7 +166,8 @@ def main(argv=None):
     hook = model.blocks[0].register_forward_hook(count)
     gen = torch.Generator(device=dev).manual_seed(opt.seed)  # as train.py seeds its grids
     imgs = acdit.sample(model, labels, cfg_scale=cfg_scale, sampler=sampler, steps=steps, generator=gen,
-                        use_cache=opt.use_cache, prefix=prefix, callback=callback)
+                        use_cache=opt.use_cache, prefix=prefix, callback=callback,
+                        cfg_interval=cli.parse_cfg_interval(opt.cfg_interval))
     cli.sync(dev)
     seconds = time.perf_counter() - t0
     hook.remove()

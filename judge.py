@@ -79,13 +79,14 @@ def judge_images(judge, images, labels, test_x):
 
 
 @torch.no_grad()
-def sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, batch=250):
+def sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, batch=250, cfg_interval=None):
     """n_per_class uint8 samples of each class (as saved to a PNG), their labels, and the seconds."""
     dev = next(model.parameters()).device
     labels = torch.arange(10).repeat_interleave(n_per_class)
     t0 = time.perf_counter()
     imgs = torch.cat([acdit.sample(model, labels[i:i + batch].to(dev), cfg_scale=cfg_scale, sampler=sampler,
-                                   steps=steps, generator=torch.Generator(dev).manual_seed(seed + i)).cpu()
+                                   steps=steps, generator=torch.Generator(dev).manual_seed(seed + i),
+                                   cfg_interval=cfg_interval).cpu()
                       for i in range(0, len(labels), batch)])
     return data.to_uint8(imgs), labels, time.perf_counter() - t0
 

@@ -614,3 +614,21 @@ def test_cuda_whole_model_compiled_with_flex_under_bf16_autocast():
     losses[0].backward()
     assert torch.isfinite(losses[0]) and torch.allclose(losses[0], losses[1].float(), rtol=2e-2, atol=2e-3)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in mf.parameters())
+
+
+def test_guidance_interval():
+    """cfg_interval=(lo, hi) guides only the steps with lo <= t <= hi: all of them is plain
+    guidance, none of them is cfg_scale=1 (conditional alone), and cached == uncached."""
+    cfg = tiny_config(block_h=2, block_w=2)
+    m = randomized(ACDiT(cfg), dtype=torch.float64)
+    kw = dict(steps=5, sampler="ddpm")
+
+    def run(**more):
+        return acdit.sample(m, [0, 1, 2], generator=torch.Generator().manual_seed(3), **kw, **more)
+
+    assert torch.allclose(run(cfg_scale=2.0, cfg_interval=(0, 999)), run(cfg_scale=2.0), atol=1e-12)
+    assert torch.allclose(run(cfg_scale=2.0, cfg_interval=(2000, 3000)), run(cfg_scale=1.0), atol=1e-12)
+    middle = run(cfg_scale=2.0, cfg_interval=(200, 800))
+    assert torch.allclose(middle, run(cfg_scale=2.0, cfg_interval=(200, 800), use_cache=False), atol=1e-9)
+    assert not torch.allclose(middle, run(cfg_scale=2.0), atol=1e-3)
+    assert not torch.allclose(middle, run(cfg_scale=1.0), atol=1e-3)

@@ -470,3 +470,22 @@ def test_sampling_settings_reject_a_bad_recorded_value():
     with pytest.raises(ConfigError, match="must be an integer >= 1 or 'auto' .the checkpoint's sample_steps"):
         cli.sampling_settings(opts(), {'config': {'sample_steps': 0}})
     assert math.isfinite(cli.sampling_settings(opts(), {'config': {'cfg_scale': 1}})[0])
+
+
+def test_parse_cfg_interval():
+    assert cli.parse_cfg_interval('') is None
+    assert cli.parse_cfg_interval('200,800') == (200, 800)
+    for bad, words in (('800,200', 'need 0 <= lo <= hi'), ('200', "expected two timesteps"),
+                       ('a,b', "expected two timesteps"), ('-1,5', 'need 0 <= lo <= hi')):
+        with pytest.raises(cli.ConfigError, match=words):
+            cli.parse_cfg_interval(bad)
+
+
+def test_config_file_that_fails_when_run_is_a_one_line_error(tmp_path):
+    bad = tmp_path / 'bad.py'
+    bad.write_text('depth = 2\nwidth = undefined_name\n')
+    with pytest.raises(cli.ConfigError, match=r"config file '.*bad.py' line 2: NameError"):
+        cli.parse_config([str(bad)], {'depth': 4, 'width': 128})
+    helper = tmp_path / 'helper.py'  # a helper function in a config file is not a config key
+    helper.write_text('def twice(x):\n    return 2 * x\ndepth = twice(3)\n')
+    assert cli.parse_config([str(helper)], {'depth': 4, 'width': 128}) == {'depth': 6, 'width': 128}

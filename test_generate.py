@@ -503,15 +503,15 @@ def test_evaluate_rejects_bad_options_before_any_work(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('args, expected', [
-    ([], (1.5, 4, 'ddim')),  # 'auto': how the checkpoint's run sampled (TINY)
-    (['--cfg_scale=3', '--steps=10', '--sampler=ddpm'], (3.0, 10, 'ddpm')),
-    (['--sampler=dpm++'], (1.5, 4, 'dpm++')),
+    ([], (1.5, 4, 'ddim', None)),  # 'auto': how the checkpoint's run sampled (TINY)
+    (['--cfg_scale=3', '--steps=10', '--sampler=ddpm'], (3.0, 10, 'ddpm', None)),
+    (['--sampler=dpm++', '--cfg_interval=200,800'], (1.5, 4, 'dpm++', (200, 800))),
 ])
 def test_evaluate_samples_as_the_checkpoint_did_unless_told(ckpt, monkeypatch, capsys, args, expected):
     seen = {}
 
-    def fake_sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0):
-        seen['settings'] = (cfg_scale, steps, sampler)
+    def fake_sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, cfg_interval=None):
+        seen['settings'] = (cfg_scale, steps, sampler, cfg_interval)
         labels = torch.arange(10).repeat_interleave(n_per_class)
         return torch.zeros(len(labels), 1, 28, 28, dtype=torch.uint8), labels, 0.0
 
@@ -526,6 +526,7 @@ def test_evaluate_samples_as_the_checkpoint_did_unless_told(ckpt, monkeypatch, c
     assert seen['settings'] == expected
     out = capsys.readouterr().out
     assert f'{expected[2]} {expected[1]} steps/block, CFG {expected[0]}' in out
+    assert (f'on t in [200, 800]' in out) == (expected[3] is not None)
     assert 'real test images, same judge, 30 images: class accuracy 1.000' in out
 
 
@@ -585,5 +586,28 @@ def test_evaluate_judges_an_npz_from_generate(ckpt, tmp_path, mnist_test, monkey
     # images the judge cannot read
     other = tmp_path / 'rgb.npz'
     np.savez(other, images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.zeros(2, np.int64))
-    with pytest.raises(ConfigError, match=r'the judge knows MNIST only \(uint8 images 28x28x1\), got \(3, 32, 32\)'):
+    with pytest.raises(ConfigError, match=r'the judge knows MNIST only, uint8 images \(N, 28, 28, 1\); got torch.uint8 \(2, 32, 32, 3\)'):
         evaluate.main([f'--npz={other}', f'--data_dir={MNIST_DIR}', f'--judge={judge_path}'])
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'not an npz', 'is not an NPZ of images and labels'),
+    ('missing-key', 'is not an NPZ of images and labels'),
+    ('3d', 'uint8 images (N, 28, 28, 1)'),
+    ('bad-labels', 'expected one label in 0..9 per image'),
+])
+def test_evaluate_rejects_bad_npz_files_in_one_line(tmp_path, monkeypatch, content, message):
+    path = tmp_path / 'x.npz'
+    if content == b'not an npz':
+        path.write_bytes(content)
+    elif content == 'missing-key':
+        np.savez(path, pictures=np.zeros((2, 28, 28, 1), np.uint8))
+    elif content == '3d':
+        np.savez(path, images=np.zeros((2, 28, 28), np.uint8), labels=np.zeros(2, np.int64))
+    else:
+        np.savez(path, images=np.zeros((2, 28, 28, 1), np.uint8), labels=np.array([0, 12]))
+    monkeypatch.setattr(evaluate, 'get_judge', lambda data_dir, path: None)
+    monkeypatch.setattr(data, 'load_dataset', lambda *a: (torch.zeros(20, 1, 28, 28, dtype=torch.uint8),
+                                                          torch.arange(20) % 10))
+    with pytest.raises((cli.ConfigError, cli.CheckpointError), match=re.escape(message)):
+        evaluate.main([f'--npz={path}'])

@@ -39,6 +39,7 @@ BUDGET = ['--max_iters=2000', '--batch_size=64', '--learning_rate=3e-3', '--warm
           '--log_interval=500', '--device=cpu', '--decay_frac=0.2', '--patch_size=7', '--compile=False',
           '--min_snr_gamma=0.0', '--sampler=ddim', '--cfg_scale=2.0']
 SAMPLE_STEPS = 50
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train.py')
 
 
 def time_sampling(model, use_cache, n=10):
@@ -55,8 +56,10 @@ def main(argv):
         return
     root = next((a.split('=', 1)[1] for a in reversed(argv) if a.startswith('--root=')), 'out-tradeoff')
     passthrough = [a for a in argv if not a.startswith('--root=')]
+    # check the flags for train.py now, not after the data and the judge are ready
+    defaults = {k: v[0] for k, v in cli.config_block(TRAIN).items()}
+    data_dir = cli.parse_config(BUDGET + passthrough, defaults)['data_dir']
     flags = dict(a[2:].split('=', 1) for a in BUDGET + passthrough if a.startswith('--') and '=' in a)
-    data_dir = flags.get('data_dir', 'data')
     test_x, _ = data.load_dataset('mnist', data_dir, 'test')  # fails early if the data is missing
     judge = get_judge(data_dir)
     rows = []
@@ -66,13 +69,12 @@ def main(argv):
         timing = os.path.join(out, 'train_seconds.txt')
         if not os.path.exists(timing):  # not trained yet (delete the folder to redo a run)
             t0 = time.perf_counter()
-            cmd = [sys.executable, 'train.py', *BUDGET, *passthrough, f'--block_h={bh}', f'--block_w={bw}',
+            cmd = [sys.executable, TRAIN, *BUDGET, *passthrough, f'--block_h={bh}', f'--block_w={bw}',
                    f'--out_dir={out}']
-            run = subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__)), text=True,
-                                 stdout=subprocess.PIPE)
+            run = subprocess.run(cmd, text=True, stdout=subprocess.PIPE)  # paths stay relative to here
             print(run.stdout, end='')
             if run.returncode:
-                raise cli.ConfigError(f'train.py failed (exit status {run.returncode}): {" ".join(cmd)}')
+                raise RuntimeError(f'train.py failed (exit status {run.returncode}): {" ".join(cmd)}')
             with open(timing, 'w') as f:
                 f.write(f'{time.perf_counter() - t0:.1f}\n')
             with open(os.path.join(out, 'train_log.txt'), 'w') as f:

@@ -85,6 +85,7 @@ def check_config(c):
     for key in ('max_iters', 'batch_size', 'eval_interval', 'eval_iters', 'log_interval',
                 'sample_interval', 'sample_steps'):
         cli.check(getattr(c, key) >= 1, f'{key}={getattr(c, key)} must be at least 1')
+    cli.check(0 <= c.seed < 2**62, f'seed={c.seed} must be in [0, 2**62)')
     for key, ok, rule in (('learning_rate', c.learning_rate > 0, 'positive'),
                           ('time_budget', c.time_budget >= 0, '>= 0 (0: train max_iters steps)'),
                           ('warmup_iters', c.warmup_iters >= 0, '>= 0'),
@@ -187,7 +188,7 @@ class StopRequest:
     the next log interval (one all-reduce of a flag) and all stop after the same step."""
 
     def __init__(self, ddp, device):
-        self.ddp, self.device, self.presses, self.old = ddp, device, 0, None
+        self.ddp, self.device, self.presses, self.abrupt, self.old = ddp, device, 0, False, None
 
     def _on_sigint(self, signum, frame):
         self.presses += 1
@@ -229,6 +230,37 @@ def setup_processes(c):
     return True, rank, world, dev
 
 
+def make_model(mcfg, c, dev):
+    """A new model (seeded), its EMA copy and the optimizer."""
+    torch.manual_seed(c.seed)
+    model = acdit.ACDiT(mcfg).to(dev)
+    ema = acdit.ACDiT(mcfg).to(dev).requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
+    # fused AdamW: one kernel for all parameters (at batch 8 on a 2-core CPU the per-tensor
+    # loop costs ~5 ms a step, about 8% of it; the fused one ~1 ms)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=c.learning_rate, betas=(0.9, 0.99),
+                                  weight_decay=c.weight_decay, fused=dev.type in ('cpu', 'cuda') or None)
+    return model, ema, optimizer
+
+
+def training_step(model, c, dev, ddp, log):
+    """model.training_loss as a module, compiled if asked (and possible), wrapped for DDP."""
+    step_model = TrainingLoss(model)
+    if c.compile:
+        problem = cli.compile_problem(dev)
+        if problem is None:
+            log(f"compiling the model (the first steps are slow{': about 45 s on a 2-core CPU' if dev.type == 'cpu' else ''})...")
+            step_model = torch.compile(step_model)
+        else:  # a missing compiler should not stop a laptop run: the eager model trains the same
+            log(f'warning: torch.compile does not work here ({problem}); training without it, '
+                f'about 1.2x slower on a CPU. Install a C++ compiler (gcc or clang) to use it, '
+                f'or pass --compile=False to skip this check.')
+    if ddp:
+        step_model = torch.nn.parallel.DistributedDataParallel(
+            step_model, device_ids=[dev.index] if dev.type == 'cuda' else None)
+    return step_model
+
+
 def resume(path, config, model, ema, optimizer, log):
     """Load a checkpoint into model, EMA and optimizer; return its iteration."""
     if not os.path.isfile(path):
@@ -248,11 +280,12 @@ def resume(path, config, model, ema, optimizer, log):
         model.load_state_dict(ckpt['model'])
         ema.load_state_dict(ckpt['ema'])
         optimizer.load_state_dict(ckpt['optimizer'])
-    except (KeyError, RuntimeError, ValueError) as e:
+        start = int(ckpt['iter_num'])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f'checkpoint {path} does not fit this model: {str(e).splitlines()[0]}') from None
     for group in optimizer.param_groups:  # the saved choice may come from another device
         group['fused'] = fused
-    log(f"resumed from {path} at iter {ckpt['iter_num']}")
+    log(f"resumed from {path} at iter {start}")
     if config['time_budget'] > 0:  # the budget was spent on deciding max_iters: keep that decision
         config['max_iters'] = saved.get('max_iters', config['max_iters'])
         log(f"time_budget: keeping the checkpoint's max_iters={config['max_iters']}")
@@ -260,14 +293,15 @@ def resume(path, config, model, ema, optimizer, log):
     if changed:
         log(f"note: this run changes the checkpoint's training settings: {', '.join(changed)} "
             f"(pass the checkpoint's values to continue the same run)")
-    return ckpt['iter_num']
+    return start
 
 
 class TimeBudget:
     """--time_budget: after WARMUP steps (compiling) time the next WARMUP, then choose max_iters
     so the run ends about `minutes` after launch, RESERVE of the time left kept for evals,
     checkpoints and grids (they took 5.5% of the CPU recipe). Warmup and stable learning rates
-    do not depend on max_iters, so choosing it after 2 * WARMUP steps changes nothing done."""
+    do not depend on max_iters, so choosing it after 2 * WARMUP steps changes nothing done
+    (max_iters is 10**9 until then). A run stopped before then resumes with max_iters as given."""
     WARMUP, RESERVE = 50, 0.05
 
     def __init__(self, minutes, t_launch, dev, ddp):
@@ -305,16 +339,16 @@ def main(argv=None):
     config = vars(c).copy()  # saved in the checkpoint
     mcfg = check_config(c)
     ddp, rank, world, dev = setup_processes(c)  # before touching the disk: a bad --device changes nothing
-    if c.attn_backend == 'flex' and dev.type != 'cuda':
-        raise ConfigError(f"attn_backend='flex' cannot train on {dev.type}: FlexAttention has no "
-                          f"backward there. Use --attn_backend=sdpa (or auto)")
+    cli.check(c.attn_backend != 'flex' or dev.type == 'cuda',
+              f"attn_backend='flex' cannot train on {dev.type}: FlexAttention has no backward there. "
+              f"Use --attn_backend=sdpa (or auto)")
+    ckpt_path = os.path.join(c.out_dir, 'ckpt.pt')
+    cli.check(c.init_from == 'resume' or not os.path.exists(ckpt_path),  # never lose a run by accident
+              f'{ckpt_path} already exists and a new run would overwrite it: continue that run with '
+              f'--init_from=resume (with a larger --max_iters to train longer), start anew in another '
+              f'--out_dir, or delete the file')
     master = rank == 0  # only rank 0 prints and writes files
     log = (lambda *a, **k: print(*a, **k, flush=True)) if master else (lambda *a, **k: None)
-    ckpt_path = os.path.join(c.out_dir, 'ckpt.pt')
-    if c.init_from == 'scratch' and os.path.exists(ckpt_path):  # never lose a run by accident
-        raise ConfigError(f'{ckpt_path} already exists and a new run would overwrite it: continue that '
-                          f'run with --init_from=resume (with a larger --max_iters to train longer), '
-                          f'start anew in another --out_dir, or delete the file')
     ctx = cli.autocast_context(dev, c.dtype)
     log(f'device: {dev}{f" x{world} processes" if ddp else ""}, '
         f'dtype: {"bfloat16 autocast" if isinstance(ctx, torch.autocast) else "float32"}')
@@ -326,36 +360,19 @@ def main(argv=None):
     hflip = c.dataset == 'cifar10'  # mirror half the photos; digits are not symmetric
     batch_gen = torch.Generator()
 
-    torch.manual_seed(c.seed)  # the initial weights
-    model = acdit.ACDiT(mcfg).to(dev)
-    ema = acdit.ACDiT(mcfg).to(dev).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    # fused AdamW: one kernel for all parameters (at batch 8 on a 2-core CPU the per-tensor
-    # loop costs ~5 ms a step, about 8% of it; the fused one ~1 ms)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=c.learning_rate, betas=(0.9, 0.99),
-                                  weight_decay=c.weight_decay, fused=dev.type in ('cpu', 'cuda') or None)
+    model, ema, optimizer = make_model(mcfg, c, dev)
     start = resume(ckpt_path, config, model, ema, optimizer, log) if c.init_from == 'resume' else 0
     c.max_iters = config['max_iters']
     budget = TimeBudget(c.time_budget, t_launch, dev, ddp) if c.time_budget > 0 and c.init_from == 'scratch' \
         else None  # a resumed run keeps the max_iters its budget chose
+    if budget:  # until the budget chooses: no end in sight, so no decay either
+        c.max_iters = 10**9
     log(f'model: {model.num_params() / 1e6:.2f}M parameters, {mcfg.n_blocks} blocks of {mcfg.block_len} '
         f'tokens, training sequence {mcfg.seq_len} tokens, attention: {model.backend(dev)}')
     log('loss: eps-MSE' + (f' with Min-SNR-{mcfg.min_snr_gamma:g} weights (the logged loss is weighted; '
                            f'eval reports the plain eps-MSE)' if mcfg.min_snr_gamma else ' (unweighted)'))
 
-    step_model = TrainingLoss(model)
-    if c.compile:
-        problem = cli.compile_problem(dev)
-        if problem is None:
-            log(f"compiling the model (the first steps are slow{': about 45 s on a 2-core CPU' if dev.type == 'cpu' else ''})...")
-            step_model = torch.compile(step_model)
-        else:  # a missing compiler should not stop a laptop run: the eager model trains the same
-            log(f'warning: torch.compile does not work here ({problem}); training without it, '
-                f'about 1.2x slower on a CPU. Install a C++ compiler (gcc or clang) to use it, '
-                f'or pass --compile=False to skip this check.')
-    if ddp:
-        step_model = torch.nn.parallel.DistributedDataParallel(
-            step_model, device_ids=[dev.index] if dev.type == 'cuda' else None)
+    step_model = training_step(model, c, dev, ddp, log)
 
     def save(it):
         if master:
@@ -380,7 +397,7 @@ def main(argv=None):
                     loss = step_model(x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                try:  # a non-finite gradient would poison the weights: stop before the update
+                try:  # a non-finite gradient would poison the weights: stop before the update (a GPU sync)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip or math.inf,
                                                    error_if_nonfinite=True)
                 except RuntimeError:
@@ -397,7 +414,7 @@ def main(argv=None):
                         f'and {fmt_time(budget.elapsed)} have passed, so max_iters={chosen} '
                         f'({budget.RESERVE:.0%} of the rest kept for evals and grids; a resume keeps it)')
 
-                if it % c.log_interval == 0 or it == c.max_iters:  # the one place that waits for a GPU
+                if it % c.log_interval == 0 or it == c.max_iters:  # loss.item() waits for a GPU only here
                     now = time.time()
                     dt = (now - t_log) / max(1, it - it_log)
                     t_log, it_log = now, it
@@ -414,8 +431,8 @@ def main(argv=None):
                     t0 = time.time()
                     sample_grid(ema, path, c, dev)
                     log(f'wrote {path} ({time.time() - t0:.1f}s)')
-        except KeyboardInterrupt:
-            stop.presses += 1  # a KeyboardInterrupt not raised by our handler counts as the first press
+        except KeyboardInterrupt:  # our handler's second Ctrl-C, or one from elsewhere (a first press)
+            stop.abrupt, stop.presses = stop.presses > 1, max(stop.presses, 1)
         finally:
             if ddp:
                 # Free DDP (which holds the process group) before the group: the other order can
@@ -423,7 +440,7 @@ def main(argv=None):
                 del step_model
                 torch.distributed.destroy_process_group()
     if stop.presses:
-        if stop.presses > 2 or (stop.presses > 1 and not ddp):  # maybe in the middle of a step
+        if stop.abrupt:  # maybe in the middle of a step
             log(f'\ninterrupted again: exiting without saving (the last checkpoint, if any, is {ckpt_path})')
         elif it > start:  # stopped between two steps: `it` is the next step to run
             log(f'\ninterrupted at iter {it}; saving a checkpoint before exiting')

@@ -1,4 +1,4 @@
-# MNIST on one GPU: a wider, deeper model trained longer than the CPU default.
+# MNIST on one GPU: a wider, deeper model than the CPU default, on more images (batch 256).
 #   python train.py config/mnist_gpu.py --data_dir=path/to/mnist
 dataset = 'mnist'
 out_dir = 'out-mnist-gpu'
