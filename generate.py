@@ -41,6 +41,7 @@ npz = ''  # if set, also save images (N, H, W, C) uint8 and labels (N,) here wit
 gif = ''  # if set, also save an animated GIF of the generation here, block by block
 prefix_blocks = 0  # K > 0: give the first K blocks of test images, generate the rest (prefix completion)
 sources = 1  # with prefix_blocks: test images per label, the first ones of that class in the test set
+indices = ''  # with prefix_blocks: test-set indices to complete instead, e.g. 0,7,42 ('' = by label)
 data_dir = 'data'  # where the test images for prefix_blocks are
 # ----------------------------------------------------------------------------- config end
 
@@ -133,6 +134,13 @@ def main(argv=None):
                                       f'to take a prefix from')
         test_x, test_y = data.load_dataset(dataset, opt.data_dir, 'test')
         picks = [i for y in classes for i in (test_y == y).nonzero()[:opt.sources, 0].tolist()]
+        if opt.indices != '':
+            try:
+                picks = [int(i) for i in str(opt.indices).split(',')]
+            except ValueError:
+                raise cli.ConfigError(f"indices={opt.indices!r}: expected test-set indices separated by commas") from None
+            cli.check(all(0 <= i < len(test_x) for i in picks),
+                      f'indices={opt.indices!r}: the test set has images 0..{len(test_x) - 1}')
         real = test_x[picks].repeat_interleave(opt.n_per_class, dim=0)
         labels = test_y[picks].repeat_interleave(opt.n_per_class).to(dev)
         prefix = acdit.patchify(data.to_float(real), mcfg)[:, :K * mcfg.block_len].to(dev)

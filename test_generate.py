@@ -282,6 +282,22 @@ def test_prefix_completion_keeps_the_given_blocks(ckpt, tmp_path, mnist_test, ca
     assert np.abs(again[..., 0].astype(int) - images.astype(int)).max() <= 1
 
 
+@needs_real_mnist
+def test_prefix_completion_of_given_test_indices(ckpt, tmp_path, mnist_test):
+    test_x, test_y = mnist_test
+    picks = [7, 0, 42]
+    _, images, labels = generate_npz(ckpt, tmp_path, '--prefix_blocks=1', '--indices=7,0,42', '--n_per_class=2',
+                                     '--steps=2', f'--data_dir={MNIST_DIR}')
+    assert labels.tolist() == [int(test_y[i]) for i in picks for _ in range(2)]  # each source's own label
+    rows = TINY_MODEL.block_h * TINY_MODEL.patch_size
+    for j, i in enumerate(picks):
+        assert np.array_equal(images[2 * j:2 * j + 2, :rows, :, 0], np.broadcast_to(test_x[i, 0, :rows].numpy(), (2, rows, 28)))
+    for bad, words in (('7,x', 'expected test-set indices'), ('10000', 'the test set has images 0..9999')):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            generate.main([f'--ckpt={ckpt}', '--prefix_blocks=1', f'--indices={bad}', f'--data_dir={MNIST_DIR}',
+                           f'--out={tmp_path / "x.png"}'])
+
+
 def test_prefix_blocks_must_leave_a_block_to_generate(ckpt, tmp_path):
     with pytest.raises(ConfigError, match=re.escape('prefix_blocks=4: this model has 4 blocks, so at most 3 can be given')):
         generate.main([f'--ckpt={ckpt}', '--prefix_blocks=4', f'--data_dir={tmp_path / "no-data"}'])
