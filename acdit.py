@@ -659,7 +659,7 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
                 guide = guided and (cfg_interval is None or cfg_interval[0] <= t <= cfg_interval[1])
                 n = y.shape[0] if guide else B                    # unguided: the conditional rows only
                 tt = torch.full((n, 1), t, device=p.device)
-                eps = model(rows(x)[:n], tt, y[:n], cache=cache).to(dtype)
+                eps = model(rows(x) if guide else x.to(p.dtype), tt, y[:n], cache=cache).to(dtype)
                 if guide:
                     eps_c, eps_u = eps.chunk(2)
                     eps = eps_u + cfg_scale * (eps_c - eps_u)

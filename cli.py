@@ -301,3 +301,13 @@ def parse_cfg_interval(text):
         raise ConfigError(f"cfg_interval={text!r}: expected two timesteps 'lo,hi', e.g. 200,800, or ''") from None
     check(0 <= lo <= hi, f'cfg_interval={text!r}: need 0 <= lo <= hi')
     return lo, hi
+
+
+def check_sampling_options(opt):
+    """The option checks generate.py and evaluate.py share, all before the checkpoint loads so
+    that a typo fails at once. Returns the parsed cfg_interval."""
+    check(opt.weights in ('ema', 'model'), f"weights={opt.weights!r}: choose 'ema' or 'model'")
+    check(opt.n_per_class >= 1, f'n_per_class={opt.n_per_class} must be at least 1')
+    check(0 <= opt.seed < 2**63, f'seed={opt.seed} must be in [0, 2**63)')
+    sampling_settings(opt)
+    return parse_cfg_interval(opt.cfg_interval)

@@ -41,10 +41,7 @@ def main(argv=None):
     opt = cli.parse_args(argv, __file__, __doc__)
     if opt is None:
         return None
-    cli.check(opt.weights in ('ema', 'model'), f"weights={opt.weights!r}: choose 'ema' or 'model'")
-    cli.check(opt.n_per_class >= 1, f'n_per_class={opt.n_per_class} must be at least 1')
-    cli.sampling_settings(opt)  # a bad option fails before the checkpoint loads
-    interval = cli.parse_cfg_interval(opt.cfg_interval)
+    interval = cli.check_sampling_options(opt)  # a bad option fails before the checkpoint loads
     if opt.npz:
         try:
             with np.load(opt.npz) as f:

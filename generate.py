@@ -62,17 +62,13 @@ def parse_labels(text, n_classes):
 
 
 def check_options(opt):
-    """The checks that need no checkpoint, so a typo fails at once."""
-    cli.check(opt.weights in ('ema', 'model'), f"weights={opt.weights!r}: choose 'ema' or 'model'")
-    cli.check(opt.n_per_class >= 1, f'n_per_class={opt.n_per_class} must be at least 1')
+    """The checks that need no checkpoint, so a typo fails at once; returns the cfg_interval."""
     cli.check(opt.sources >= 1, f'sources={opt.sources} must be at least 1')
     cli.check(opt.prefix_blocks >= 0, f'prefix_blocks={opt.prefix_blocks} must be >= 0')
-    cli.check(0 <= opt.seed < 2**63, f'seed={opt.seed} must be in [0, 2**63)')
     from PIL import Image  # the grid's format comes from its file name
     cli.check(not opt.out or os.path.splitext(opt.out)[1].lower() in Image.registered_extensions(),
               f"out={opt.out!r}: the file name needs an image extension such as .png")
-    cli.sampling_settings(opt)
-    cli.parse_cfg_interval(opt.cfg_interval)
+    return cli.check_sampling_options(opt)
 
 
 def mark_generated(images, mcfg, n_given):
@@ -116,7 +112,7 @@ def main(argv=None):
     opt = cli.parse_args(argv, __file__, __doc__)
     if opt is None:
         return None
-    check_options(opt)
+    interval = check_options(opt)
     dev = cli.pick_device(opt.device)
     model, ckpt = cli.load_model(opt.ckpt, opt.weights, dev)
     mcfg, K = model.cfg, opt.prefix_blocks
@@ -175,7 +171,7 @@ def main(argv=None):
     gen = torch.Generator(device=dev).manual_seed(opt.seed)  # as train.py seeds its grids
     imgs = acdit.sample(model, labels, cfg_scale=cfg_scale, sampler=sampler, steps=steps, generator=gen,
                         use_cache=opt.use_cache, prefix=prefix, callback=callback,
-                        cfg_interval=cli.parse_cfg_interval(opt.cfg_interval))
+                        cfg_interval=interval)
     cli.sync(dev)
     seconds = time.perf_counter() - t0
     hook.remove()
