@@ -5,7 +5,8 @@ Hu et al., "ACDiT: Interpolating Autoregressive Conditional Modeling and
 Diffusion Transformer" (arXiv 2412.07720). An image is cut into patches
 (tokens); consecutive tokens form blocks. Blocks are generated one after
 another (autoregression), and the tokens of one block are generated together by
-a diffusion process conditioned on all earlier, already clean blocks.
+a diffusion process conditioned on all earlier, already clean blocks. A video is
+the same model with one block per frame and a time axis in RoPE (n_frames > 1).
 
 Read top to bottom:
   1. ACDiTConfig          the knobs, checked up front
@@ -13,7 +14,7 @@ Read top to bottom:
   3. SCAM                 the Skip-Causal Attention Mask, FlexAttention + dense
   4. DDPMSchedule         noise schedule, training noise, the reverse step
                           (DDPM, DDIM, DPM-Solver++)
-  5. the model            a DiT with 2D RoPE, RMSNorm, QK-norm and adaLN-Zero
+  5. the model            a DiT with 2D/3D RoPE, RMSNorm, QK-norm and adaLN-Zero
                           on noised tokens only; the training loss
   6. KVCache + sample()   block-by-block generation, cached and uncached
 """
@@ -34,8 +35,9 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 @dataclass
 class ACDiTConfig:
-    img_size: int = 28           # square images, pixels per side
+    img_size: int = 28           # square images (or video frames), pixels per side
     in_channels: int = 1
+    n_frames: int = 1            # 1: images; > 1: videos of n_frames frames, one block per frame
     patch_size: int = 4          # each token is a p x p x C patch
     block_h: int = 1             # block height in patches
     block_w: int = 7             # block width in patches (1 x grid = row strips)
@@ -58,7 +60,7 @@ class ACDiTConfig:
         def bad(msg):
             raise ValueError(f"ACDiTConfig: {msg}")
 
-        for name in ("img_size", "in_channels", "patch_size", "block_h", "block_w",
+        for name in ("img_size", "in_channels", "n_frames", "patch_size", "block_h", "block_w",
                      "depth", "width", "n_heads", "n_classes", "n_timesteps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -71,11 +73,17 @@ class ACDiTConfig:
             bad(f"block {self.block_h}x{self.block_w} (patches) does not tile the {g}x{g} patch "
                 f"grid (img_size={self.img_size} / patch_size={self.patch_size}); "
                 f"block_h and block_w must divide {g}")
+        if self.n_frames > 1 and (self.block_h, self.block_w) != (g, g):
+            bad(f"a video block is one whole frame: block_h = block_w = {g} (the patch grid), "
+                f"got {self.block_h}x{self.block_w}")
         if self.width % self.n_heads:
             bad(f"width={self.width} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 4:
             bad(f"head dim width/n_heads = {self.width}/{self.n_heads} = {self.head_dim} must be "
                 f"a multiple of 4: 2D RoPE rotates pairs of dims on each of the two axes")
+        if self.n_frames > 1 and self.head_dim < 6:
+            bad(f"head dim {self.head_dim} is too small for video: 3D RoPE needs a pair of dims "
+                f"for each of its three axes (frame, row, column)")
         if not 0.0 <= self.label_dropout < 1.0:
             bad(f"label_dropout={self.label_dropout} must be in [0, 1)")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
@@ -94,8 +102,8 @@ class ACDiTConfig:
         return self.img_size // self.patch_size
 
     @property
-    def n_blocks(self):    # N
-        return (self.grid // self.block_h) * (self.grid // self.block_w)
+    def n_blocks(self):    # N (for video: n_frames)
+        return self.n_frames * (self.grid // self.block_h) * (self.grid // self.block_w)
 
     @property
     def block_len(self):   # tokens per block (the paper's B; Bl in the shape comments)
@@ -117,36 +125,43 @@ class ACDiTConfig:
 # 2. Patchify into blocks
 # Tokens are ordered block-major: block 0's tokens (raster order inside the
 # block), then block 1's, ... with blocks in raster order over the image.
+# A video is patchified frame by frame, and each frame is one block.
 
 
 def patchify(imgs, cfg):
-    """(B, C, H, W) images -> (B, N*Bl, P) tokens in block-major order."""
-    B, C, H, W = imgs.shape
-    if (C, H, W) != (cfg.in_channels, cfg.img_size, cfg.img_size):
-        raise ValueError(f"expected images of shape (B, {cfg.in_channels}, {cfg.img_size}, "
-                         f"{cfg.img_size}), got {tuple(imgs.shape)}")
-    p, bh, bw = cfg.patch_size, cfg.block_h, cfg.block_w
-    x = imgs.reshape(B, C, cfg.grid // bh, bh, p, cfg.grid // bw, bw, p)
-    x = x.permute(0, 2, 5, 3, 6, 4, 7, 1)  # (B, blocks down, blocks across, bh, bw, p, p, C)
-    return x.reshape(B, cfg.n_blocks * cfg.block_len, cfg.patch_dim)
+    """(B, C, H, W) images, or (B, T, C, H, W) videos -> (B, N*Bl, P) tokens, block-major."""
+    frame = (cfg.in_channels, cfg.img_size, cfg.img_size)
+    want = frame if cfg.n_frames == 1 else (cfg.n_frames, *frame)
+    if tuple(imgs.shape[1:]) != want:
+        raise ValueError(f"expected {'images' if cfg.n_frames == 1 else 'videos'} of shape (B, "
+                         f"{', '.join(map(str, want))}), got {tuple(imgs.shape)}")
+    p, bh, bw, g = cfg.patch_size, cfg.block_h, cfg.block_w, cfg.grid
+    x = imgs.reshape(-1, cfg.in_channels, g // bh, bh, p, g // bw, bw, p)  # frames fold into B
+    x = x.permute(0, 2, 5, 3, 6, 4, 7, 1)  # (B*T, blocks down, blocks across, bh, bw, p, p, C)
+    return x.reshape(imgs.shape[0], cfg.n_blocks * cfg.block_len, cfg.patch_dim)
 
 
 def unpatchify(tokens, cfg):
-    """Exact inverse of patchify: (B, N*Bl, P) -> (B, C, H, W)."""
-    p, bh, bw, C = cfg.patch_size, cfg.block_h, cfg.block_w, cfg.in_channels
-    x = tokens.reshape(tokens.shape[0], cfg.grid // bh, cfg.grid // bw, bh, bw, p, p, C)
-    x = x.permute(0, 7, 1, 3, 5, 2, 4, 6)  # (B, C, blocks down, bh, p, blocks across, bw, p)
-    return x.reshape(tokens.shape[0], C, cfg.img_size, cfg.img_size)
+    """Exact inverse of patchify: (B, N*Bl, P) -> (B, C, H, W), or (B, T, C, H, W) for video,
+    where T may exceed n_frames (a video sampled past its trained length)."""
+    p, bh, bw, C, g = cfg.patch_size, cfg.block_h, cfg.block_w, cfg.in_channels, cfg.grid
+    x = tokens.reshape(-1, g // bh, g // bw, bh, bw, p, p, C)  # (B*T, ...): frame by frame
+    x = x.permute(0, 7, 1, 3, 5, 2, 4, 6)  # (B*T, C, blocks down, bh, p, blocks across, bw, p)
+    frame = (C, cfg.img_size, cfg.img_size)
+    return x.reshape(tokens.shape[0], *frame) if cfg.n_frames == 1 else x.reshape(tokens.shape[0], -1, *frame)
 
 
-def token_coords(cfg):
-    """(row, col) of every token's patch in the patch grid, in block-major order: (N*Bl, 2)."""
-    idx = torch.arange(cfg.n_blocks * cfg.block_len)
-    blk, j = idx // cfg.block_len, idx % cfg.block_len      # block id, position inside the block
+def token_coords(cfg, n_tokens=None):
+    """Grid coordinates of the first n_tokens tokens (default all N*Bl) in block-major order:
+    (row, col) for images, (frame, row, col) for video; (n_tokens, 2 or 3)."""
+    idx = torch.arange(cfg.n_blocks * cfg.block_len if n_tokens is None else n_tokens)
+    per_frame = cfg.grid * cfg.grid
+    frame, idx = idx // per_frame, idx % per_frame
+    blk, j = idx // cfg.block_len, idx % cfg.block_len      # block id in the frame, position in it
     blocks_per_row = cfg.grid // cfg.block_w
     row = (blk // blocks_per_row) * cfg.block_h + j // cfg.block_w
     col = (blk % blocks_per_row) * cfg.block_w + j % cfg.block_w
-    return torch.stack([row, col], dim=1)
+    return torch.stack([row, col] if cfg.n_frames == 1 else [frame, row, col], dim=1)
 
 # -----------------------------------------------------------------------------
 # 3. SCAM: the Skip-Causal Attention Mask (paper Sec. 3, Fig. 2)
@@ -284,38 +299,48 @@ def gate(x, g):
     return (x.view(B, g.shape[1], -1, D) * g).view(B, L, D)
 
 
-def rotate_halves(x):
-    """Rotate-half inside each axis' half of the head dim: [r1, r2, c1, c2] -> [r2, r1, c2, c1]
-    (the minus signs of rotate-half live in RoPE2D's sin table)."""
-    *lead, hd = x.shape
-    return x.reshape(*lead, 2, 2, hd // 4).flip(-2).reshape(*lead, hd)
-
-
-class RoPE2D(nn.Module):
-    """2D rotary position embedding: half of each head's dims rotate with the patch row,
-    half with the patch column (proper per-axis rotate-half, so q.k depends only on the
-    2D offset). Clean and noised copies of a token get the same rotation."""
+class RoPE(nn.Module):
+    """Rotary position embedding over the patch grid: 2D (row, column) for images, 3D
+    (frame, row, column) for video. The head dim's rotation pairs are shared out equally
+    among the axes, and each axis' slice does its own rotate-half, so q.k depends only on
+    the offset between two tokens. Clean and noised copies of a token get the same rotation."""
 
     def __init__(self, cfg):
         super().__init__()
-        quarter = cfg.head_dim // 4  # rotation frequencies per axis
-        freqs = cfg.rope_base ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
-        coords = token_coords(cfg).double()                       # (N*Bl, 2)
-        ang_r, ang_c = coords[:, :1] * freqs, coords[:, 1:] * freqs  # (N*Bl, hd/4) each
-        cos = torch.cat([ang_r.cos(), ang_r.cos(), ang_c.cos(), ang_c.cos()], dim=-1)
-        sin = torch.cat([-ang_r.sin(), ang_r.sin(), -ang_c.sin(), ang_c.sin()], dim=-1)
-        # (N*Bl, hd) each; non-persistent: rebuilt from the config, follow .to(device), not saved
-        self.register_buffer("cos", cos.float(), persistent=False)
-        self.register_buffer("sin", sin.float(), persistent=False)
+        self.cfg = cfg
+        n_axes, n_pairs = (2 if cfg.n_frames == 1 else 3), cfg.head_dim // 2
+        self.pairs = [n_pairs // n_axes + (a < n_pairs % n_axes) for a in range(n_axes)]  # per axis
+        perm, s = [], 0  # rotate-half as an index: each axis' slice [x1, x2] -> [x2, x1]
+        for k in self.pairs:
+            perm, s = perm + [*range(s + k, s + 2 * k), *range(s, s + k)], s + 2 * k
+        # non-persistent: rebuilt from the config, follow .to(device), not saved
+        self.register_buffer("perm", torch.tensor(perm), persistent=False)
+        self.register_buffer("cos", torch.empty(0, cfg.head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(0, cfg.head_dim), persistent=False)
+        self.grow(cfg.n_blocks * cfg.block_len)
+
+    def grow(self, n_tokens):
+        """Make the cos/sin tables (n_tokens, hd) cover n_tokens positions (sampling a video
+        past its trained length needs more); computed in float64, rounded to float32."""
+        if n_tokens <= len(self.cos):
+            return
+        coords = token_coords(self.cfg, n_tokens).double()                # (n, axes)
+        cos, sin = [], []
+        for axis, k in enumerate(self.pairs):
+            ang = coords[:, axis:axis + 1] * self.cfg.rope_base ** (-torch.arange(k, dtype=torch.float64) / k)
+            cos, sin = cos + [ang.cos(), ang.cos()], sin + [-ang.sin(), ang.sin()]  # rotate-half's signs
+        self.cos = torch.cat(cos, dim=-1).float().to(self.cos)
+        self.sin = torch.cat(sin, dim=-1).float().to(self.sin)
 
     def forward(self, pos):
-        """cos, sin tables (L, hd) for token positions pos (L,) in block-major order."""
-        return self.cos[pos], self.sin[pos]
+        """(cos, sin, perm) for token positions pos (L,) in block-major order: the arguments
+        apply_rope needs after x; cos, sin are (L, hd)."""
+        return self.cos[pos], self.sin[pos], self.perm
 
 
-def apply_rope(x, cos, sin):
-    """x: (B, H, L, hd); cos, sin: (L, hd) from RoPE2D."""
-    return x * cos.to(x.dtype) + rotate_halves(x) * sin.to(x.dtype)
+def apply_rope(x, cos, sin, perm):
+    """Rotate x: (B, H, L, hd) by the tables RoPE gave for its L positions."""
+    return x * cos.to(x.dtype) + x[..., perm] * sin.to(x.dtype)
 
 
 _compiled_flex = None  # torch.compile(flex_attention), made on first use on CUDA
@@ -347,13 +372,13 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)  # QK-norm, for stability at high lr
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, rope, mask, cache=None, layer=0):
         """x: (B, L, D). With a KVCache, this sequence's keys/values are written after the
         committed blocks' and attention reads them all (no copy)."""
         B, L, D = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)                     # (B, H, L, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.extend(layer, k, v)                      # (B, H, Lc + L, hd)
         y = attend(q, k, v, mask)                                 # (B, H, L, hd)
@@ -388,7 +413,7 @@ class ACDiTBlock(nn.Module):
         identity[[2, 5]] = 1.0                                    # the two gates
         self.register_buffer("identity", identity.view(-1), persistent=False)
 
-    def forward(self, x, c, n_clean_blocks, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, c, n_clean_blocks, rope, mask, cache=None, layer=0):
         """x: (B, L, D), its first n_clean_blocks blocks clean; c: (B, Nn, D), one condition
         per noised block (Nn = 0 when every block is clean)."""
         B, _, D = x.shape
@@ -396,7 +421,7 @@ class ACDiTBlock(nn.Module):
         clean = self.identity.to(noised.dtype).expand(B, n_clean_blocks, 6 * D)
         mod = torch.cat([clean, noised], dim=1).unsqueeze(2)      # (B, blocks, 1, 6D)
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        h = self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, mask, cache, layer)
+        h = self.attn(modulate(self.norm1(x), shift1, scale1), rope, mask, cache, layer)
         x = x + gate(h, gate1)
         return x + gate(self.mlp(modulate(self.norm2(x), shift2, scale2)), gate2)
 
@@ -441,7 +466,7 @@ class ACDiT(nn.Module):
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.width)
         self.t_embed = TimestepEmbedder(cfg.width)
         self.y_embed = nn.Embedding(cfg.n_classes + 1, cfg.width)  # +1: the null label for CFG
-        self.rope = RoPE2D(cfg)
+        self.rope = RoPE(cfg)
         self.blocks = nn.ModuleList([ACDiTBlock(cfg) for _ in range(cfg.depth)])
         self.final = FinalLayer(cfg)
         self.schedule = DDPMSchedule(cfg.n_timesteps, cfg.beta_start, cfg.beta_end)
@@ -482,10 +507,10 @@ class ACDiT(nn.Module):
     def _run(self, tokens, c, n_clean_blocks, pos, mask, cache):
         """Embed tokens (B, L, P) at block-major positions pos (L,) and run the transformer
         stack; the first n_clean_blocks blocks are clean. Returns (B, L, D)."""
-        cos, sin = self.rope(pos)
+        rope = self.rope(pos)
         x = self.patch_embed(tokens)                              # (B, L, D)
         for i, block in enumerate(self.blocks):
-            x = block(x, c, n_clean_blocks, cos, sin, mask, cache, i)
+            x = block(x, c, n_clean_blocks, rope, mask, cache, i)
         return x
 
     def forward(self, noised, t, y, clean=None, cache=None):
@@ -503,7 +528,9 @@ class ACDiT(nn.Module):
                              f"per noised block {(B, n_noised)}; got {tuple(noised.shape)} and {tuple(t.shape)}")
         c = self.t_embed(t) + self.y_embed(y)[:, None]            # (B, Nn, D) per-block condition
         if cache is not None:  # attend to [cache, own block]: no mask
-            pos = torch.arange(cache.n_blocks * Bl, (cache.n_blocks + 1) * Bl, device=noised.device)
+            start = (cache.dropped + cache.n_blocks) * Bl         # positions count on past a slid window
+            self.rope.grow(start + Bl)
+            pos = torch.arange(start, start + Bl, device=noised.device)
             x = self._run(noised, c, 0, pos, None, cache)
             return self.final(x, c)
         n_clean = cfg.n_blocks - 1
@@ -529,13 +556,14 @@ class ACDiT(nn.Module):
                              f"whole blocks of {Bl}, and the last block is never committed")
         if n == 0:
             return
-        pos = torch.arange(start * Bl, (start + n) * Bl, device=tokens.device)
+        pos = torch.arange(start * Bl, (start + n) * Bl, device=tokens.device)  # in the cache
         mask = None  # one block sees the whole cache and itself
         if n > 1:    # SCAM's clean rows for the new blocks, over every clean block up to them
             kv = torch.arange((start + n) * Bl, device=tokens.device)
             mask = scam_mask_mod(self.cfg.n_blocks, Bl)(None, None, pos[:, None], kv[None, :])
         none = tokens.new_zeros(tokens.shape[0], 0, self.cfg.width)  # no noised blocks: no condition
-        self._run(tokens, none, n, pos, mask, cache)
+        self.rope.grow((cache.dropped + start + n) * Bl)
+        self._run(tokens, none, n, pos + cache.dropped * Bl, mask, cache)
         cache.n_blocks += n
 
     def training_loss(self, imgs, labels, weighted=True):
@@ -576,6 +604,7 @@ class KVCache:
         self.total_len = cfg.n_blocks * cfg.block_len
         self.block_len = cfg.block_len
         self.n_blocks = 0                   # committed blocks
+        self.dropped = 0                    # blocks slid out of the front (video past its length)
         self.k = [None] * cfg.depth         # per layer: (B, H, N*Bl, hd)
         self.v = [None] * cfg.depth
 
@@ -591,6 +620,16 @@ class KVCache:
         self.v[layer][:B, :, start:end] = v
         return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]
 
+    def drop_oldest(self):
+        """Slide the window one block on by forgetting the oldest committed block: how a video
+        goes past its trained length. The kept keys keep their RoPE rotations and new blocks
+        their absolute positions, so every query-key offset stays one seen in training."""
+        end = self.n_blocks * self.block_len
+        for buf in self.k + self.v:
+            if buf is not None:
+                buf[:, :, :end - self.block_len] = buf[:, :, self.block_len:end].clone()
+        self.n_blocks, self.dropped = self.n_blocks - 1, self.dropped + 1
+
     def nbytes(self):
         return sum(t.nbytes for t in self.k + self.v if t is not None)
 
@@ -600,9 +639,9 @@ SAMPLERS = {"ddim": 0.0, "ddpm": 1.0, "dpm++": 0.0}  # sampler name -> eta of DD
 
 @torch.no_grad()
 def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=None,
-           use_cache=True, prefix=None, clip_x0=True, callback=None, cfg_interval=None):
-    """Generate images for `labels` (B,), block by block. Returns (B, C, H, W), in [-1, 1]
-    when clip_x0 (the default).
+           use_cache=True, prefix=None, clip_x0=True, callback=None, cfg_interval=None, n_frames=None):
+    """Generate images for `labels` (B,), block by block. Returns (B, C, H, W), or videos
+    (B, T, C, H, W), in [-1, 1] when clip_x0 (the default).
 
     Each block starts as Gaussian noise and is denoised in `steps` strided steps with
     classifier-free guidance (eps_u + cfg_scale * (eps_c - eps_u); 1.0 = no guidance) by
@@ -614,6 +653,8 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
     fill the cache in one pass and blocks K..N-1 are generated; they come out unchanged.
     cfg_interval=(t_lo, t_hi) guides only the steps with t_lo <= t <= t_hi (Kynkaanniemi et al.
     2024); the other steps run the conditional half alone.
+    n_frames (video only, default cfg.n_frames): frames to generate; past the trained length
+    the cache window slides on (KVCache.drop_oldest), keeping the last n_frames - 1 frames.
     callback(block, step, clean, x, x0), if given, sees every intermediate state:
     clean (B, i*Bl, P) finished blocks, x the current block's x_t, x0 its predicted x_0."""
     cfg = model.cfg
@@ -627,6 +668,10 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
     if labels.numel() and (labels.min() < 0 or labels.max() >= cfg.n_classes):
         raise ValueError(f"labels must be in 0..{cfg.n_classes - 1}, got {labels.tolist()}")
     B, Bl = labels.shape[0], cfg.block_len
+    n_total = cfg.n_blocks if n_frames is None else n_frames          # blocks to generate
+    if n_frames is not None and (cfg.n_frames == 1 or n_frames < 1 or (n_frames > cfg.n_frames and not use_cache)):
+        raise ValueError(f"n_frames={n_frames}: only for video models, at least 1, and past the trained "
+                         f"{cfg.n_frames} frames only with use_cache=True (the cache window slides)")
     clean = torch.zeros(B, 0, cfg.patch_dim, device=p.device, dtype=dtype) if prefix is None else \
         prefix.to(p.device, dtype)                                # (B, K*Bl, P)
     if clean.ndim != 3 or clean.shape[0] != B or clean.shape[1] % Bl or clean.shape[1] >= cfg.n_blocks * Bl \
@@ -648,7 +693,7 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
     if use_cache:
         model.commit(rows(clean), cache)                          # the prefix, in one pass
     try:
-        for i in range(clean.shape[1] // Bl, cfg.n_blocks):
+        for i in range(clean.shape[1] // Bl, n_total):
             x = torch.randn(B, Bl, cfg.patch_dim, generator=generator, device=p.device, dtype=dtype)
             prev = None                                           # DPM-Solver++'s last (t, x0)
             for s, t in enumerate(ts):
@@ -670,7 +715,9 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
                 if callback is not None:
                     callback(i, s, clean, x, x0)
             clean = torch.cat([clean, x], dim=1)                  # (B, (i+1)*Bl, P)
-            if use_cache and i < cfg.n_blocks - 1:               # the last block is never attended
+            if use_cache and i < n_total - 1:                     # the last block is never attended
+                if cache.n_blocks == cfg.n_blocks - 1:            # full: slide the window on
+                    cache.drop_oldest()
                 model.commit(rows(x), cache)
     finally:
         model.train(was_training)

@@ -2,9 +2,11 @@
 Benchmark ACDiT on this machine and print a Markdown table:
   - sampling with the KV cache against the uncached reference sampler, at a small batch
     and at generate.py's default of 100 images,
-  - a training step of ACDiT (SCAM over (2N-1)*Bl tokens) against a plain DiT (one block),
+  - a training step of ACDiT (SCAM over (2N-1)*Bl tokens) against a plain DiT (one block)
+    (images only),
   - on CUDA also FlexAttention (compiled) against the dense-mask SDPA path in training,
-each for the MNIST default model and a longer sequence (32x32x3 at patch 2, 16 blocks of 16).
+each for the MNIST default model, a longer sequence (32x32x3 at patch 2, 16 blocks of 16)
+and the Moving MNIST video model (8 frames of 32x32 at patch 8, one block of 16 per frame).
 
     python bench.py                   # about 5 minutes on a 2-core CPU
     python bench.py --quick=True      # tiny models, done in seconds (what the tests run)
@@ -37,12 +39,14 @@ CFG_SCALE = 2.0  # guidance on, as train.py and generate.py sample: every pass r
 
 
 def shapes(quick):
-    """The two token layouts: the MNIST default and a longer sequence, where the KV cache
-    (and attention's share of the cost) matters more."""
+    """The token layouts: the MNIST default, a longer sequence, where the KV cache (and
+    attention's share of the cost) matters more, and config/moving_mnist.py's videos."""
     size = dict(depth=1, width=32, n_heads=2) if quick else {}
     return {'28x28x1 p4, 7 blocks x 7': acdit.ACDiTConfig(**size),
             '32x32x3 p2, 16 blocks x 16': acdit.ACDiTConfig(img_size=32, in_channels=3, patch_size=2,
-                                                           block_h=1, block_w=16, **size)}
+                                                           block_h=1, block_w=16, **size),
+            'video 8x32x32x1 p8, 8 frames x 16': acdit.ACDiTConfig(img_size=32, n_frames=8, patch_size=8,
+                                                                  block_h=4, block_w=4, **size)}
 
 
 def sample_token_forwards(cfg, batch, steps, cached):
@@ -171,8 +175,9 @@ def main(argv=None):
         for batch in batches:
             print(f'measuring sampling, batch {batch}, {label} ...', file=sys.stderr)
             rows += bench_sampling(label, cfg, batch, c, dev)
-        print(f'measuring training, {label} ...', file=sys.stderr)
-        rows += bench_training(label, cfg, c, dev)
+        if cfg.n_frames == 1:  # video: sampling only (a frame is already one block, no DiT to compare)
+            print(f'measuring training, {label} ...', file=sys.stderr)
+            rows += bench_training(label, cfg, c, dev)
     print(table(rows) + '\n')
     notes = ['ratio: time relative to the first row of its group; ideal: the same ratio of token-forwards '
              '(tokens through the network, rows x tokens summed over passes); of ideal: ratio / ideal. '

@@ -4,6 +4,7 @@ same judge's numbers for real test images (the best any model can score).
 
     python evaluate.py --ckpt=out/ckpt.pt --data_dir=path/to/mnist      # 1000 samples
     python evaluate.py --npz=out/samples.npz --data_dir=path/to/mnist   # images from generate.py
+    python evaluate.py --ckpt=out-moving-mnist/ckpt.pt --n_frames=24     # videos, past their length
 
 A small CNN (nothing to do with ACDiT) is trained once on the MNIST training set and
 cached as judge.pt (about a minute on 2 CPU cores). The checkpoint then samples
@@ -12,6 +13,9 @@ n_per_class images of every class with the settings its run sampled with, and we
   - FID: the Frechet distance between the judge's penultimate features of the samples
     and of the MNIST test set (lower is better; biased upward for few samples, so
     compare numbers made with the same number of samples only).
+For a Moving MNIST checkpoint every frame is judged (the digit cut out around its center
+of mass), beside real Moving MNIST videos made from the test digits, and the digit's
+motion is measured: speed and spread of its frame-to-frame displacement.
 """
 
 import numpy as np
@@ -19,7 +23,7 @@ import torch
 
 import cli
 import data
-from judge import get_judge, judge_images, misreadings, sample_images
+from judge import frame_digits, get_judge, judge_images, misreadings, motion, sample_images
 
 # ----------------------------------------------------------------------------- config start
 ckpt = 'out/ckpt.pt'  # checkpoint written by train.py
@@ -33,6 +37,7 @@ steps = 'auto'  # denoising steps per block; 'auto' as above
 cfg_interval = ''  # 'lo,hi': guide only the steps with lo <= t <= hi ('' = every step)
 seed = 0  # seeds the sampling noise
 weights = 'ema'  # 'ema' (the averaged weights) or 'model' (the raw ones)
+n_frames = 0  # video models: frames per video (0 = the trained length; more slides the cache window)
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'
 # ----------------------------------------------------------------------------- config end
 
@@ -49,31 +54,37 @@ def main(argv=None):
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise cli.CheckpointError(f'{opt.npz} is not an NPZ of images and labels as generate.py '
                                       f'--npz writes ({type(e).__name__}: {e})') from None
-        cli.check(images.dtype == torch.uint8 and tuple(images.shape[1:]) == (28, 28, 1),
-                  f'{opt.npz}: the judge knows MNIST only, uint8 images (N, 28, 28, 1); got '
-                  f'{images.dtype} {tuple(images.shape)}')
-        images = images.permute(0, 3, 1, 2)
+        cli.check(images.dtype == torch.uint8 and (tuple(images.shape[1:]) == (28, 28, 1) or (
+                  images.ndim == 5 and tuple(images.shape[2:]) == (32, 32, 1))),
+                  f'{opt.npz}: the judge knows MNIST only, uint8 images (N, 28, 28, 1) or Moving MNIST '
+                  f'videos (N, T, 32, 32, 1); got {images.dtype} {tuple(images.shape)}')
+        images = images.movedim(-1, -3)                           # (N, [T,] C, H, W)
         cli.check(labels.shape == (len(images),) and bool(((labels >= 0) & (labels < 10)).all()),
                   f'{opt.npz}: expected one label in 0..9 per image')
-        what = f'{opt.npz}: {len(images)} images'
+        what = f"{opt.npz}: {len(images)} {'videos' if images.ndim == 5 else 'images'}"
     else:
         dev = cli.pick_device(opt.device)
         model, ckpt = cli.load_model(opt.ckpt, opt.weights, dev)
         mcfg = model.cfg
-        cli.check((mcfg.img_size, mcfg.in_channels, mcfg.n_classes) == (28, 1, 10),
-                  'the judge knows MNIST only (28x28x1, 10 classes)')
+        video = mcfg.n_frames > 1
+        cli.check((mcfg.img_size, mcfg.in_channels, mcfg.n_classes) == ((32 if video else 28), 1, 10),
+                  'the judge knows MNIST only (28x28x1 images or 32x32x1 Moving MNIST videos, 10 classes)')
+        cli.check(opt.n_frames == 0 or (video and opt.n_frames >= 2),
+                  f'n_frames={opt.n_frames}: only for video models, and at least 2 (motion needs two frames)')
         cfg_scale, steps, sampler = cli.sampling_settings(opt, ckpt)
     judge = get_judge(opt.data_dir, opt.judge)  # before sampling: a bad --data_dir fails at once
     test_x, test_y = data.load_dataset('mnist', opt.data_dir, 'test')
     if not opt.npz:
         images, labels, seconds = sample_images(model, opt.n_per_class, cfg_scale, steps, sampler, opt.seed,
-                                                cfg_interval=interval)
+                                                cfg_interval=interval, n_frames=opt.n_frames or None)
         what = (f"{opt.ckpt} (iter {ckpt.get('iter_num')}, {opt.weights}): {len(images)} samples, {sampler} "
                 f'{steps} steps/block, CFG {cfg_scale}{f" on t in {list(interval)}" if interval else ""} '
                 f'(sampling {seconds:.0f}s)')
-    acc, fid, confusion = judge_images(judge, images, labels, test_x)
     # the ceiling: as many real test images, the first of each class in the same proportions
     picks = torch.cat([(test_y == y).nonzero()[:int((labels == y).sum()), 0] for y in range(10)])
+    if images.ndim == 5:
+        return judge_videos(judge, images, labels, test_x, test_y, picks, what)
+    acc, fid, confusion = judge_images(judge, images, labels, test_x)
     real_acc, real_fid, _ = judge_images(judge, test_x[picks], test_y[picks], test_x)
     print(f'{what}: class accuracy {acc:.3f}, FID {fid:.1f}')
     print(f'real test images, same judge, {len(picks)} images: class accuracy {real_acc:.3f}, FID {real_fid:.1f}')
@@ -81,6 +92,29 @@ def main(argv=None):
     print('accuracy per class: ' + '  '.join(f'{c}: {a:.2f}' for c, a in enumerate(per_class.tolist())))
     print(f'most frequent misreadings: {misreadings(confusion)}')
     return acc, fid, real_acc, real_fid
+
+
+def judge_videos(judge, videos, labels, test_x, test_y, picks, what):
+    """Every frame of uint8 videos (B, T, 1, 32, 32) judged, beside real Moving MNIST videos of
+    the same length made from the test digits picks (the same classes), and the motion of both."""
+    B, T = videos.shape[:2]
+    digits = torch.nn.functional.avg_pool2d(test_x.float(), 2).round().to(torch.uint8)  # as data.py
+    real = data.moving_mnist(digits[picks], torch.Generator().manual_seed(0), frames=T)
+    ref = frame_digits(data.moving_mnist(digits, torch.Generator().manual_seed(1), frames=1))  # for FID
+    acc, fid, confusion = judge_images(judge, frame_digits(videos), labels.repeat_interleave(T), ref)
+    real_acc, real_fid, _ = judge_images(judge, frame_digits(real), test_y[picks].repeat_interleave(T), ref)
+    with torch.no_grad():
+        read = judge(data.to_float(frame_digits(videos))).argmax(1).view(B, T)
+    by_frame = (read == labels[:, None]).float().mean(0)
+    (speed, spread), (real_speed, real_spread) = motion(videos), motion(real)
+    print(f'{what}: frame class accuracy {acc:.3f}, frame FID {fid:.1f}')
+    print(f'real Moving MNIST videos, same judge, {len(picks)} videos of {T} frames: frame class accuracy '
+          f'{real_acc:.3f}, frame FID {real_fid:.1f}')
+    print('accuracy by frame: ' + '  '.join(f'{t + 1}: {a:.2f}' for t, a in enumerate(by_frame.tolist())))
+    print(f'most frequent misreadings: {misreadings(confusion)}')
+    print(f'motion of the center of mass, pixels a frame: generated speed {speed:.2f}, spread {spread:.2f}; '
+          f'real speed {real_speed:.2f}, spread {real_spread:.2f}')
+    return acc, fid, real_acc, real_fid, (speed, spread, real_speed, real_spread), by_frame.tolist()
 
 
 if __name__ == '__main__':

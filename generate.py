@@ -7,9 +7,12 @@ Sample images from an ACDiT checkpoint written by train.py.
     python generate.py --ckpt=out/ckpt.pt --use_cache=False    # the uncached reference sampler
     python generate.py --ckpt=out/ckpt.pt --npz=out/samples.npz   # raw uint8 samples for evaluation
     python generate.py --ckpt=out/ckpt.pt --prefix_blocks=3 --data_dir=path/to/mnist  # complete test images
+    python generate.py --ckpt=out-moving-mnist/ckpt.pt --gif=out-moving-mnist/videos.gif --n_frames=16
 
 With the defaults it redraws the last sample grid train.py saved for the checkpoint
-(same seed, guidance scale, steps and sampler), on the same kind of device.
+(same seed, guidance scale, steps and sampler), on the same kind of device. For a video
+model the PNG is a strip, one row per video and one column per frame, and --gif animates
+the videos themselves.
 """
 
 import math
@@ -27,7 +30,7 @@ import data
 # ----------------------------------------------------------------------------- config start
 ckpt = 'out/ckpt.pt'  # checkpoint written by train.py
 weights = 'ema'  # 'ema' (the averaged weights train.py samples with) or 'model' (the raw ones)
-out = ''  # grid PNG, one row per label (or per source image); '' = samples.png next to the checkpoint
+out = ''  # grid PNG, one row per label (or source image; for video one per video); '' = samples.png by the checkpoint
 labels = 'all'  # class labels to sample, e.g. 0,1,2, or 'all'
 n_per_class = 10  # samples per label (per source image with prefix_blocks): the columns of the grid
 cfg_scale = 'auto'  # classifier-free guidance (1.0 = none); 'auto' = what the checkpoint's run sampled with
@@ -38,7 +41,8 @@ seed = 0  # seeds the noise: the same seed gives the same images, cached or not
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'
 use_cache = True  # keep finished blocks' keys/values in a KV cache; False rebuilds it every step
 npz = ''  # if set, also save images (N, H, W, C) uint8 and labels (N,) here with np.savez
-gif = ''  # if set, also save an animated GIF of the generation here, block by block
+gif = ''  # if set, also save an animated GIF here: the generation block by block (for video: the videos)
+n_frames = 0  # video models: frames to generate (0 = the trained length; more slides the cache window)
 prefix_blocks = 0  # K > 0: give the first K blocks of test images, generate the rest (prefix completion)
 sources = 1  # with prefix_blocks: test images per label, the first ones of that class in the test set
 indices = ''  # with prefix_blocks: test-set indices to complete instead, e.g. 0,7,42 ('' = by label)
@@ -98,14 +102,19 @@ class GifRecorder:
         tokens = torch.cat([clean, x0, rest], dim=1)              # 0 = mid-gray
         self.frames.append(data.grid_array(data.to_uint8(acdit.unpatchify(tokens, self.mcfg)), self.nrow))
 
-    def save(self, path, ms_per_frame=80, hold_last_ms=2000):
-        from PIL import Image
-        h, w, c = self.frames[0].shape
-        scale = max(1, min(256 // min(h, w), 1024 // max(h, w)))  # small grids: nearest-neighbour upscale
-        images = [Image.fromarray(f[:, :, 0] if c == 1 else f).resize((w * scale, h * scale), Image.NEAREST)
-                  for f in self.frames]
-        images[0].save(path, format='GIF', save_all=True, append_images=images[1:], loop=0,
-                       duration=[ms_per_frame] * (len(images) - 1) + [hold_last_ms])
+    def save(self, path):
+        save_gif(self.frames, path)
+
+
+def save_gif(frames, path, ms_per_frame=80, hold_last_ms=2000):
+    """uint8 arrays (H, W, C) -> an animated GIF that loops, the last frame held longer."""
+    from PIL import Image
+    h, w, c = frames[0].shape
+    scale = max(1, min(256 // min(h, w), 1024 // max(h, w)))  # small grids: nearest-neighbour upscale
+    images = [Image.fromarray(f[:, :, 0] if c == 1 else f).resize((w * scale, h * scale), Image.NEAREST)
+              for f in frames]
+    images[0].save(path, format='GIF', save_all=True, append_images=images[1:], loop=0,
+                   duration=[ms_per_frame] * (len(images) - 1) + [hold_last_ms])
 
 
 def main(argv=None):
@@ -120,6 +129,11 @@ def main(argv=None):
     cli.check(steps <= mcfg.n_timesteps, f"steps={steps} is more than the model's {mcfg.n_timesteps} diffusion timesteps")
     cli.check(K < mcfg.n_blocks, f'prefix_blocks={K}: this model has {mcfg.n_blocks} blocks, so at most '
                                  f'{mcfg.n_blocks - 1} can be given')
+    video = mcfg.n_frames > 1
+    cli.check(not (video and K), 'prefix_blocks: prefix completion is for image models only')
+    cli.check(opt.n_frames == 0 or (video and opt.n_frames >= 1),
+              f'n_frames={opt.n_frames}: only for video models (this one makes images), and at least 1')
+    n_total = opt.n_frames or mcfg.n_blocks                       # blocks to generate
     classes = parse_labels(opt.labels, mcfg.n_classes)
     prefix, nrow = None, opt.n_per_class
     if K:  # the first `sources` test images of each class, each completed n_per_class times
@@ -145,19 +159,19 @@ def main(argv=None):
         labels = torch.tensor(classes, device=dev).repeat_interleave(opt.n_per_class)  # one row per label
     print(f"loaded {opt.ckpt} ({opt.weights} weights, iter {ckpt.get('iter_num', '?')}): "
           f'{model.num_params() / 1e6:.2f}M parameters, {mcfg.n_blocks} blocks of {mcfg.block_len} tokens')
-    print(f'sampling {len(labels)} images ({opt.n_per_class} per {"source image" if K else "label"}, labels '
+    print(f'sampling {len(labels)} {f"videos of {n_total} frames" if video else "images"} ({opt.n_per_class} per {"source image" if K else "label"}, labels '
           f'{",".join(map(str, classes))}{f", given {K} of {mcfg.n_blocks} blocks" if K else ""}) on {dev}: '
           f"{sampler}, {steps} steps per block, cfg_scale {cfg_scale}, {'KV cache' if opt.use_cache else 'uncached reference'}")
 
-    gif = GifRecorder(mcfg, nrow - bool(K), steps) if opt.gif else None
-    every = math.ceil(mcfg.n_blocks / 4)  # at most four progress lines per run
+    gif = GifRecorder(mcfg, nrow - bool(K), steps) if opt.gif and not video else None
+    every = math.ceil(n_total / 4)  # at most four progress lines per run
     t0 = time.perf_counter()
 
     def callback(block, step, clean, x, x0):
         if gif is not None:
             gif(block, step, clean, x, x0)
-        if step == steps - 1 and ((block + 1) % every == 0 or block + 1 == mcfg.n_blocks):
-            print(f'  block {block + 1}/{mcfg.n_blocks} ({time.perf_counter() - t0:.1f}s)')
+        if step == steps - 1 and ((block + 1) % every == 0 or block + 1 == n_total):
+            print(f'  {"frame" if video else "block"} {block + 1}/{n_total} ({time.perf_counter() - t0:.1f}s)')
 
     # count the work from outside acdit.py: the first layer sees every pass (denoising steps and
     # commits alike) as (rows, tokens, width); CFG's two halves are rows of one pass
@@ -171,15 +185,15 @@ def main(argv=None):
     gen = torch.Generator(device=dev).manual_seed(opt.seed)  # as train.py seeds its grids
     imgs = acdit.sample(model, labels, cfg_scale=cfg_scale, sampler=sampler, steps=steps, generator=gen,
                         use_cache=opt.use_cache, prefix=prefix, callback=callback,
-                        cfg_interval=interval)
+                        cfg_interval=interval, n_frames=opt.n_frames or None)
     cli.sync(dev)
     seconds = time.perf_counter() - t0
     hook.remove()
     print(f"done in {seconds:.2f}s{' (with GIF frames)' if gif else ''}: {work.passes} network passes, "
           f"{work.tokens:,} token-forwards")
 
-    images = data.to_uint8(imgs).cpu()
-    grid = images
+    images = data.to_uint8(imgs).cpu()                            # (B, [T,] C, H, W)
+    grid, nrow = (images.flatten(0, 1), n_total) if video else (images, nrow)  # a video: a row of frames
     if K:  # each row: the source image, then its completions with the generated part tinted
         marked = mark_generated(images, mcfg, K).view(len(picks), opt.n_per_class, 3, *images.shape[2:])
         source = test_x[picks].expand(-1, 3, -1, -1)[:, None]
@@ -192,11 +206,15 @@ def main(argv=None):
     print(f'wrote {out}')
     if opt.npz:
         with open(opt.npz, 'wb') as f:  # a file object, so np.savez keeps the name as given
-            np.savez(f, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.cpu().numpy())
+            np.savez(f, images=images.movedim(-3, -1).numpy(), labels=labels.cpu().numpy())
         print(f'wrote {opt.npz}')
     if gif is not None:
         gif.save(opt.gif)
         print(f'wrote {opt.gif} ({len(gif.frames)} frames)')
+    elif opt.gif:  # the videos play side by side, one row per label as in the PNG's rows
+        frames = [data.grid_array(images[:, t], opt.n_per_class) for t in range(images.shape[1])]
+        save_gif(frames, opt.gif, ms_per_frame=200, hold_last_ms=600)
+        print(f'wrote {opt.gif} ({len(frames)} frames)')
     return types.SimpleNamespace(images=images, labels=labels.cpu(), seconds=seconds, passes=work.passes,
                                  token_forwards=work.tokens)
 

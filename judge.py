@@ -1,7 +1,8 @@
 """
 The judge: a small CNN, independent of ACDiT, that reads MNIST digits. It gives a model's
 samples a class accuracy (how often it reads the class that was asked for) and an FID in
-its own penultimate features (lower is better). evaluate.py and tradeoff.py use it.
+its own penultimate features (lower is better). evaluate.py and tradeoff.py use it. For
+Moving MNIST it reads every frame's digit, and `motion` measures how the digit moves.
 """
 
 import os
@@ -79,14 +80,16 @@ def judge_images(judge, images, labels, test_x):
 
 
 @torch.no_grad()
-def sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, batch=250, cfg_interval=None):
-    """n_per_class uint8 samples of each class (as saved to a PNG), their labels, and the seconds."""
+def sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, batch=250, cfg_interval=None,
+                  n_frames=None):
+    """n_per_class uint8 samples of each class (as saved to a PNG; videos for a video model, of
+    n_frames frames if given), their labels, and the seconds."""
     dev = next(model.parameters()).device
     labels = torch.arange(10).repeat_interleave(n_per_class)
     t0 = time.perf_counter()
     imgs = torch.cat([acdit.sample(model, labels[i:i + batch].to(dev), cfg_scale=cfg_scale, sampler=sampler,
                                    steps=steps, generator=torch.Generator(dev).manual_seed(seed + i),
-                                   cfg_interval=cfg_interval).cpu()
+                                   cfg_interval=cfg_interval, n_frames=n_frames).cpu()
                       for i in range(0, len(labels), batch)])
     return data.to_uint8(imgs), labels, time.perf_counter() - t0
 
@@ -98,3 +101,39 @@ def misreadings(confusion, top=4):
     per_class = confusion.sum(1)
     return ', '.join(f'{i // 10} read as {i % 10}: {c}/{per_class[i // 10]}'
                      for c, i in zip(counts[:top].tolist(), flat[:top].tolist()) if c > 0) or 'none'
+
+
+# -----------------------------------------------------------------------------
+# video: the judge reads each frame's digit, and the digit's motion is measured
+
+def center_of_mass(frames):
+    """Pixels (..., H, W) -> the intensity-weighted (row, col) of each frame, (..., 2)."""
+    f = frames.float()
+    mass = f.sum((-2, -1)).clamp(min=1e-6)
+    rows = (f.sum(-1) * torch.arange(f.shape[-2])).sum(-1) / mass
+    cols = (f.sum(-2) * torch.arange(f.shape[-1])).sum(-1) / mass
+    return torch.stack([rows, cols], dim=-1)
+
+
+def frame_digits(videos, size=14):
+    """uint8 videos (B, T, 1, H, W) -> every frame's digit as the judge reads digits: the
+    size x size window around the frame's center of mass (where a Moving MNIST digit is),
+    scaled up to 28x28. (B*T, 1, 28, 28) uint8, frame by frame."""
+    frames = videos.flatten(0, 2)                                 # (B*T, H, W)
+    H, W = frames.shape[-2:]
+    com = center_of_mass(frames).round().long()
+    top, left = (com[:, 0] - size // 2).clamp(0, H - size), (com[:, 1] - size // 2).clamp(0, W - size)
+    rows, cols = top[:, None] + torch.arange(size), left[:, None] + torch.arange(size)
+    crops = frames[torch.arange(len(frames))[:, None, None], rows[:, :, None], cols[:, None, :]]
+    up = F.interpolate(crops[:, None].float(), size=(28, 28), mode='bilinear', align_corners=False)
+    return up.round().clamp(0, 255).to(torch.uint8)
+
+
+def motion(videos):
+    """How steadily the digit moves in uint8 videos (B, T, 1, H, W): the frame-to-frame
+    displacement of its center of mass, |d_t| in pixels. Returns (mean speed, spread): the mean
+    of |d_t| and the mean over videos of its standard deviation over t. A Moving MNIST digit
+    keeps its speed except at bounces; a frozen digit has speed 0, a jittering one a large spread."""
+    com = center_of_mass(videos[:, :, 0])                         # (B, T, 2)
+    speed = (com[:, 1:] - com[:, :-1]).norm(dim=-1)               # (B, T-1)
+    return speed.mean().item(), speed.std(dim=1).mean().item()

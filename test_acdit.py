@@ -5,6 +5,7 @@ not by calling the code under test. Equivalence tests randomize *all* weights fi
 adaLN-Zero init makes a fresh model output exactly zero, which would pass trivially.
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -185,16 +186,16 @@ def test_auto_backend_is_sdpa_on_cpu():
 
 def test_rope_scores_depend_only_on_2d_offset():
     cfg = ACDiTConfig(img_size=8, patch_size=1, block_h=2, block_w=4, width=32, n_heads=2)
-    rope = acdit.RoPE2D(cfg)
+    rope = acdit.RoPE(cfg)
     coords = acdit.token_coords(cfg)
     where = {tuple(rc): i for i, rc in enumerate(coords.tolist())}
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
 
     def score(a, b):  # rotated q at patch a . rotated k at patch b
-        ca, sa = rope(torch.tensor([where[a]]))
-        cb, sb = rope(torch.tensor([where[b]]))
-        return (acdit.apply_rope(q, ca, sa) * acdit.apply_rope(k, cb, sb)).sum()
+        qa = acdit.apply_rope(q, *rope(torch.tensor([where[a]])))
+        kb = acdit.apply_rope(k, *rope(torch.tensor([where[b]])))
+        return (qa * kb).sum()
 
     assert torch.allclose(score((1, 2), (3, 5)), score((4, 0), (6, 3)), atol=1e-5)
     assert torch.allclose(score((0, 0), (0, 0)), score((7, 7), (7, 7)), atol=1e-5)
@@ -279,8 +280,7 @@ def test_kv_cache_holds_roped_qk_normed_keys():
         attn = m.blocks[0].attn
         h = m.blocks[0].norm1(m.patch_embed(x0))
         q, k, v = attn.qkv(h).view(1, 3 * Bl, 3, cfg.n_heads, cfg.head_dim).permute(2, 0, 3, 1, 4)
-        cos, sin = m.rope(torch.arange(3 * Bl))
-        k = acdit.apply_rope(attn.k_norm(k), cos, sin)
+        k = acdit.apply_rope(attn.k_norm(k), *m.rope(torch.arange(3 * Bl)))
     assert cache.n_blocks == 3
     assert torch.allclose(cache.k[0][:, :, :3 * Bl], k, atol=1e-5)
     assert torch.allclose(cache.v[0][:, :, :3 * Bl], v, atol=1e-5)
@@ -632,3 +632,183 @@ def test_guidance_interval():
     assert torch.allclose(middle, run(cfg_scale=2.0, cfg_interval=(200, 800), use_cache=False), atol=1e-9)
     assert not torch.allclose(middle, run(cfg_scale=2.0), atol=1e-3)
     assert not torch.allclose(middle, run(cfg_scale=1.0), atol=1e-3)
+
+
+# --- video: one block per frame, 3D RoPE, a sliding cache window -----------------------
+
+def video_config(**kw):
+    """4 frames of 4x4 pixels, 2x2 patches: 4 tokens a frame, each frame one block."""
+    base = dict(img_size=4, in_channels=1, n_frames=4, patch_size=2, block_h=2, block_w=2,
+                depth=2, width=24, n_heads=2, n_classes=3)
+    base.update(kw)
+    return ACDiTConfig(**base)
+
+
+def test_video_config_needs_one_block_per_frame():
+    with pytest.raises(ValueError, match="one whole frame: block_h = block_w = 2"):
+        video_config(block_h=1)
+    with pytest.raises(ValueError, match="head dim 4 is too small for video"):
+        video_config(width=8)
+    cfg = video_config()
+    assert (cfg.n_blocks, cfg.block_len, cfg.seq_len) == (4, 4, 7 * 4)
+
+
+def test_video_patchify_round_trip_and_frame_order():
+    cfg = video_config(in_channels=2)
+    videos = torch.randn(3, 4, 2, 4, 4)
+    tokens = patchify(videos, cfg)
+    assert tokens.shape == (3, 4 * 4, 2 * 2 * 2)
+    assert torch.equal(unpatchify(tokens, cfg), videos)
+    # block f is frame f, its patches in raster order, each patch (p, p, C) flattened
+    for f, r, c in itertools.product(range(4), range(2), range(2)):
+        patch = videos[:, f, :, 2 * r:2 * r + 2, 2 * c:2 * c + 2].permute(0, 2, 3, 1).reshape(3, -1)
+        assert torch.equal(tokens[:, f * 4 + r * 2 + c], patch)
+    with pytest.raises(ValueError, match=r"videos of shape \(B, 4, 2, 4, 4\)"):
+        patchify(videos[:, :3], cfg)
+    # more frames than trained (a video sampled past its length) come back whole
+    assert unpatchify(torch.randn(1, 6 * 4, 8), cfg).shape == (1, 6, 2, 4, 4)
+    assert acdit.token_coords(cfg)[[0, 3, 4, 15]].tolist() == [[0, 0, 0], [0, 1, 1], [1, 0, 0], [3, 1, 1]]
+
+
+def test_rope_3d_scores_depend_only_on_the_frame_row_column_offset():
+    cfg = video_config(img_size=8, patch_size=1, block_h=8, block_w=8, width=32, n_heads=2)
+    rope = acdit.RoPE(cfg)
+    assert rope.pairs == [3, 3, 2]  # 8 rotation pairs of a 16-dim head: shared out 3, 3, 2
+    where = {tuple(fc): i for i, fc in enumerate(acdit.token_coords(cfg).tolist())}
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16, generator=g), torch.randn(1, 1, 1, 16, generator=g)
+
+    def score(a, b):
+        qa = acdit.apply_rope(q, *rope(torch.tensor([where[a]])))
+        kb = acdit.apply_rope(k, *rope(torch.tensor([where[b]])))
+        return (qa * kb).sum()
+
+    assert torch.allclose(score((0, 1, 2), (2, 3, 5)), score((1, 4, 0), (3, 6, 3)), atol=1e-5)
+    assert not torch.allclose(score((0, 1, 2), (2, 3, 5)), score((0, 1, 2), (1, 3, 5)), atol=1e-3)  # time
+    assert not torch.allclose(score((0, 1, 2), (2, 3, 5)), score((0, 1, 2), (2, 5, 3)), atol=1e-3)
+    # each rotation pair (i, i + k) of an axis' slice turns by coordinate * frequency, from the
+    # definition: slices [frame 6 dims | row 6 | col 4], frequencies base^(-j/k)
+    x = torch.randn(16, dtype=torch.float64)
+    fr, r, c = 2, 5, 7
+    out = acdit.apply_rope(x.view(1, 1, 1, 16).float(), *rope(torch.tensor([where[(fr, r, c)]]))).view(16)
+    start = 0
+    for coord, k in zip((fr, r, c), (3, 3, 2)):
+        for j in range(k):
+            a = coord * cfg.rope_base ** (-j / k)
+            x1, x2 = x[start + j], x[start + k + j]
+            assert torch.isclose(out[start + j], (x1 * math.cos(a) - x2 * math.sin(a)).float(), atol=1e-5)
+            assert torch.isclose(out[start + k + j], (x2 * math.cos(a) + x1 * math.sin(a)).float(), atol=1e-5)
+        start += 2 * k
+
+
+def test_image_model_outputs_are_unchanged_by_video_support():
+    """Numbers this model gave before acdit.py learned video (recorded at commit 85bde7f):
+    2D RoPE, patchify and the forward are exactly what they were for images."""
+    cfg = tiny_config(block_h=2, block_w=2, width=32, n_heads=2)
+    m = randomized(ACDiT(cfg), dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    N, Bl = cfg.n_blocks, cfg.block_len
+    x0 = torch.randn(2, N * Bl, cfg.patch_dim, generator=g, dtype=torch.float64)
+    t = torch.randint(0, 1000, (2, N), generator=g)
+    with torch.no_grad():
+        eps = m(x0, t, torch.tensor([0, 2]), clean=x0[:, :(N - 1) * Bl])
+    then = torch.tensor([-3.1671480093203446, -3.0658730280695417, -2.8354924006085014,
+                         -8.811877925371208, -6.640750261607611, 0.9932430792645424, -1.9313258636306654],
+                        dtype=torch.float64)
+    assert torch.allclose(torch.cat([eps[0, :3, 0], eps[1, -1]]), then, rtol=1e-6, atol=1e-6)
+    assert abs(eps.abs().sum().item() - 784.1096608767247) < 1e-4
+
+
+def test_video_scam_dependencies_through_the_whole_model():
+    """Clean frame j reaches noised frames > j only; noised frame i reaches only itself."""
+    cfg = video_config()
+    m = randomized(ACDiT(cfg), dtype=torch.float64)
+    N, Bl = cfg.n_blocks, cfg.block_len
+    assert torch.equal(dense_scam_mask(N, Bl), reference_scam(N, Bl))
+    clean = torch.randn(1, (N - 1) * Bl, cfg.patch_dim, dtype=torch.float64, requires_grad=True)
+    noised = torch.randn(1, N * Bl, cfg.patch_dim, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 1000, (1, N))
+    for i in range(N):
+        out = m(noised, t, torch.tensor([1]), clean=clean)
+        gc, gn = torch.autograd.grad(out[0, i * Bl:(i + 1) * Bl].sum(), [clean, noised])
+        gc, gn = gc.abs().sum(-1)[0].view(N - 1, Bl), gn.abs().sum(-1)[0].view(N, Bl)  # per frame, token
+        for j in range(N - 1):
+            assert ((gc[j] > 0).all() if j < i else (gc[j] == 0).all()), (i, j)
+        for j in range(N):
+            assert ((gn[j] > 0).all() if j == i else (gn[j] == 0).all()), (i, j)
+
+
+def test_video_training_forward_equals_frame_by_frame_inference():
+    cfg = video_config()
+    m = randomized(ACDiT(cfg), dtype=torch.float64)
+    N, Bl = cfg.n_blocks, cfg.block_len
+    g = torch.Generator().manual_seed(3)
+    x0 = patchify(torch.randn(2, 4, 1, 4, 4, generator=g, dtype=torch.float64), cfg)
+    t = torch.randint(0, 1000, (2, N), generator=g)
+    xt = m.schedule.add_noise(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    y = torch.tensor([2, 0])
+    with torch.no_grad():
+        train_eps = m(xt, t, y, clean=x0[:, :(N - 1) * Bl])
+        cache = KVCache(cfg)
+        for i in range(N):
+            frame = slice(i * Bl, (i + 1) * Bl)
+            assert torch.allclose(m(xt[:, frame], t[:, i:i + 1], y, cache=cache), train_eps[:, frame], atol=1e-10)
+            if i < N - 1:
+                m.commit(x0[:, frame], cache)
+    assert train_eps.abs().mean() > 0.1
+    loss = m.training_loss(torch.rand(2, 4, 1, 4, 4, dtype=torch.float64) * 2 - 1, torch.tensor([0, 1]))
+    assert loss.ndim == 0 and loss > 0
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm++"])
+def test_video_cached_sampling_equals_uncached(sampler):
+    m = randomized(ACDiT(video_config()), dtype=torch.float64)
+    kw = dict(cfg_scale=2.0, sampler=sampler, steps=5)
+    a = acdit.sample(m, [0, 1, 2], generator=torch.Generator().manual_seed(5), use_cache=True, **kw)
+    b = acdit.sample(m, [0, 1, 2], generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
+    assert a.shape == (3, 4, 1, 4, 4) and a.dtype == torch.float64
+    assert torch.allclose(a, b, atol=1e-9)
+
+
+def test_sliding_window_keeps_positions_consistent():
+    """Past the trained length the cache drops the oldest frame and positions count on. In a
+    1-layer model a frame's cached keys/values depend on that frame alone, so frame i of a
+    long video must equal what the model makes as the last frame of an ordinary video given
+    frames i-3..i-1 as a prefix (positions 0..3 instead of i-3..i: RoPE sees only offsets),
+    with the same noise (DDIM: a frame's only randomness is its starting noise)."""
+    cfg = video_config(depth=1)
+    m = randomized(ACDiT(cfg), dtype=torch.float64)
+    labels, Bl, P = [0, 2], cfg.block_len, cfg.patch_dim
+    kw = dict(cfg_scale=2.0, sampler="ddim", steps=4)
+    long = acdit.sample(m, labels, generator=torch.Generator().manual_seed(1), n_frames=7, **kw)
+    assert long.shape == (2, 7, 1, 4, 4)
+    short = acdit.sample(m, labels, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(long[:, :4], short)  # within the trained length nothing changes
+    for i in (4, 5, 6):
+        prefix = patchify(long[:, i - 3:i + 1], cfg)[:, :3 * Bl]  # frames i-3..i-1 as tokens
+        g = torch.Generator().manual_seed(1)
+        for _ in range(i):  # the noise of frames 0..i-1, drawn first in the long run
+            torch.randn(2, Bl, P, generator=g, dtype=torch.float64)
+        ref = acdit.sample(m, labels, generator=g, prefix=prefix, **kw)
+        assert torch.allclose(ref[:, 3], long[:, i], atol=1e-9), f"frame {i}"
+    # in a deeper model the kept frames' keys remember the dropped ones: no such equality,
+    # but the window still works and the first frames are unchanged
+    deep = randomized(ACDiT(video_config(depth=2)), dtype=torch.float64)
+    v = acdit.sample(deep, labels, generator=torch.Generator().manual_seed(1), n_frames=9, **kw)
+    assert v.shape == (2, 9, 1, 4, 4) and torch.isfinite(v).all()
+    assert len(deep.rope.cos) == 9 * Bl  # the tables grew to the positions used
+
+
+def test_sliding_window_arguments():
+    m = randomized(ACDiT(video_config()), dtype=torch.float64)
+    with pytest.raises(ValueError, match="use_cache=True"):
+        acdit.sample(m, [0], steps=2, n_frames=5, use_cache=False)
+    with pytest.raises(ValueError, match="only for video"):
+        acdit.sample(randomized(ACDiT(tiny_config())), [0], steps=2, n_frames=5)
+    assert acdit.sample(m, [0], steps=2, n_frames=2, use_cache=False).shape == (1, 2, 1, 4, 4)
+    cache = KVCache(m.cfg, 1)
+    with torch.no_grad():
+        m.commit(torch.randn(1, 3 * 4, 4, dtype=torch.float64), cache)
+        k = cache.k[0][:, :, 4:12].clone()
+        cache.drop_oldest()
+    assert (cache.n_blocks, cache.dropped) == (2, 1) and torch.equal(cache.k[0][:, :, :8], k)

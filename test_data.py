@@ -419,11 +419,60 @@ def test_unknown_dataset_and_split(tmp_path):
 
 
 def test_dataset_shapes(tmp_path, monkeypatch, fake_cifar):
-    assert data.DATASETS == ('mnist', 'cifar10') == tuple(data.DATASET_SHAPES)
+    assert data.DATASETS == ('mnist', 'cifar10', 'moving_mnist') == tuple(data.DATASET_SHAPES)
     write_fake_mnist(tmp_path / 'mnist', monkeypatch)
     for name, data_dir in (('mnist', tmp_path / 'mnist'), ('cifar10', fake_cifar[0])):
         size, channels = data.DATASET_SHAPES[name]
         assert data.load_dataset(name, str(data_dir), 'test')[0].shape[1:] == (channels, size, size)
+
+
+def test_moving_mnist_is_made_from_the_mnist_digits_halved(tmp_path, monkeypatch):
+    arrays = write_fake_mnist(tmp_path, monkeypatch)
+    digits, labels = data.load_dataset('moving_mnist', str(tmp_path), 'test')
+    images, want_labels = arrays['test']
+    assert digits.dtype == torch.uint8 and digits.shape == (3, 1, 14, 14)
+    assert torch.equal(labels, torch.from_numpy(want_labels.astype(np.int64)))
+    # pixel (r, c) of a halved digit is the rounded mean of its 2x2 square in the original
+    mean = images[:, 2:4, 6:8].reshape(3, -1).astype(np.float64).mean(1)
+    assert np.allclose(digits[:, 0, 1, 3].numpy(), np.round(mean), atol=0.5 + 1e-9)
+    videos, y = data.moving_mnist_batch(digits, labels, 5, torch.Generator().manual_seed(0))
+    size, channels = data.DATASET_SHAPES['moving_mnist']
+    assert videos.shape == (5, data.VIDEO_FRAMES['moving_mnist'], channels, size, size)
+    assert videos.dtype == torch.float32 and videos.min() >= -1 and videos.max() <= 1
+
+
+def bouncing_path(start, velocity, frames, room):
+    """A position bouncing between 0 and room, one frame at a time, from the definition."""
+    path, p, v = [], start, velocity
+    for _ in range(frames):
+        path.append(p)
+        p += v
+        if p < 0:
+            p, v = -p, -v
+        if p > room:
+            p, v = 2 * room - p, -v
+    return path
+
+
+def test_moving_mnist_digits_move_at_constant_velocity_and_bounce():
+    # 14x14 white squares: a frame's digit is where its bright pixels begin
+    digits = torch.full((200, 1, 14, 14), 255, dtype=torch.uint8)
+    videos = data.moving_mnist(digits, torch.Generator().manual_seed(0), frames=20)
+    assert videos.shape == (200, 20, 1, 32, 32)
+    assert (videos.flatten(2).float().sum(-1) == 255 * 14 * 14).all()  # the whole digit, every frame
+    bright = videos[:, :, 0] > 0
+    top = bright.any(-1).float().argmax(-1)                         # (B, T) first bright row
+    left = bright.any(-2).float().argmax(-1)
+    speeds = set()
+    for b in range(200):
+        for axis in (top[b].tolist(), left[b].tolist()):
+            fits = [v for v in range(-3, 4) if v and bouncing_path(axis[0], v, 20, 18) == axis]
+            assert fits, f"video {b}: {axis} is no constant-velocity bouncing path"
+            speeds.add(abs(fits[0]))
+    assert speeds == {1, 2, 3}
+    again = data.moving_mnist(digits, torch.Generator().manual_seed(0), frames=20)
+    assert torch.equal(videos, again)  # seeded: reproducible
+    assert not torch.equal(videos, data.moving_mnist(digits, torch.Generator().manual_seed(1), frames=20))
 
 
 # -----------------------------------------------------------------------------

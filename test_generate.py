@@ -431,7 +431,7 @@ def check_table(out, rows):
     assert len(table) == 2 + len(rows)
     body = '\n'.join(table[2:])
     for name in ('sampling', 'training step', 'KV cache', 'uncached', 'DiT (1 block)', 'ACDiT, sdpa',
-                 '7 blocks x 7', '16 blocks x 16'):
+                 '7 blocks x 7', '16 blocks x 16', '8 frames x 16'):
         assert name in body
     base = None
     for row, line in zip(rows, cells[2:]):
@@ -454,7 +454,7 @@ def test_bench_quick_prints_the_table(capsys):
     rows = bench.main(['--quick=True', '--device=cpu'])
     out = capsys.readouterr().out
     cells = check_table(out, rows)
-    assert len(rows) == 8  # per shape: sampling (cached, uncached) and training (DiT, ACDiT); flex only on CUDA
+    assert len(rows) == 10  # per image shape: sampling (cached, uncached), training (DiT, ACDiT); video: sampling
     assert {c[0] for c in cells[2:]} == {'sampling, batch 2', 'training step'}
     assert 'FlexAttention rows need CUDA' in out and 'torch' in out and 'of ideal: ratio / ideal' in out
 
@@ -466,7 +466,7 @@ def test_bench_has_a_group_per_sample_batch(monkeypatch, capsys):
     monkeypatch.setattr(bench, 'shapes', lambda quick: quick_shapes(True))
     rows = bench.main(['--device=cpu', '--sample_batches=1,3', '--batch_size=2', '--steps=1', '--reps=1'])
     cells = check_table(capsys.readouterr().out, rows)
-    assert len(rows) == 2 * (2 + 2 + 2)
+    assert len(rows) == 2 * (2 + 2 + 2) + 2 * 2
     assert [c[0] for c in cells[2:8]] == ['sampling, batch 1'] * 2 + ['sampling, batch 3'] * 2 + ['training step'] * 2
     for row in rows:
         if row['bench'].startswith('sampling'):
@@ -602,7 +602,7 @@ def test_evaluate_judges_an_npz_from_generate(ckpt, tmp_path, mnist_test, monkey
     # images the judge cannot read
     other = tmp_path / 'rgb.npz'
     np.savez(other, images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.zeros(2, np.int64))
-    with pytest.raises(ConfigError, match=r'the judge knows MNIST only, uint8 images \(N, 28, 28, 1\); got torch.uint8 \(2, 32, 32, 3\)'):
+    with pytest.raises(ConfigError, match=r'the judge knows MNIST only, uint8 images \(N, 28, 28, 1\) or .*; got torch.uint8 \(2, 32, 32, 3\)'):
         evaluate.main([f'--npz={other}', f'--data_dir={MNIST_DIR}', f'--judge={judge_path}'])
 
 
@@ -627,3 +627,74 @@ def test_evaluate_rejects_bad_npz_files_in_one_line(tmp_path, monkeypatch, conte
                                                           torch.arange(20) % 10))
     with pytest.raises((cli.ConfigError, cli.CheckpointError), match=re.escape(message)):
         evaluate.main([f'--npz={path}'])
+
+
+# --- video: Moving MNIST ------------------------------------------------------------
+
+VIDEO_ARGS = ['--dataset=moving_mnist', '--patch_size=8', '--block_h=4', '--block_w=4', '--depth=1', '--width=16',
+              '--n_heads=2', '--cfg_scale=1.5', '--sample_steps=2', '--sampler=ddim', f'--data_dir={MNIST_DIR}',
+              '--device=cpu', '--dtype=float32', '--compile=False', '--batch_size=4', '--eval_iters=1',
+              '--log_interval=1', '--warmup_iters=0', '--max_iters=2', '--eval_interval=2', '--sample_interval=2']
+
+
+def test_motion_of_known_paths():
+    videos = torch.zeros(2, 5, 1, 32, 32, dtype=torch.uint8)
+    for t in range(5):
+        videos[0, t, 0, 3 * t:3 * t + 4, 4 * t:4 * t + 4] = 200  # moves by (3, 4): 5 pixels a frame
+        videos[1, t, 0, 10:14, 10:14] = 200                        # frozen
+    speed, spread = judge.motion(videos[:1])
+    assert speed == pytest.approx(5.0) and spread == pytest.approx(0.0, abs=1e-5)
+    assert judge.motion(videos[1:]) == pytest.approx((0.0, 0.0), abs=1e-5)
+    assert judge.motion(videos)[0] == pytest.approx(2.5)
+    # every frame's digit is cut out around its center of mass and scaled to 28x28
+    digit = torch.randint(1, 256, (14, 14), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    frame = torch.zeros(1, 1, 1, 32, 32, dtype=torch.uint8)
+    frame[0, 0, 0, 9:23, 5:19] = digit
+    com = judge.center_of_mass(frame[0, 0, 0].float())
+    top, left = (com.round().long() - 7).tolist()
+    crop = frame[0, 0, 0, top:top + 14, left:left + 14]
+    want = torch.nn.functional.interpolate(crop[None, None].float(), size=(28, 28), mode='bilinear')
+    assert torch.equal(judge.frame_digits(frame), want.round().to(torch.uint8))
+    assert abs(top - 9) <= 2 and abs(left - 5) <= 2
+
+
+@needs_real_mnist
+def test_moving_mnist_trains_generates_past_its_length_and_is_judged(tmp_path, mnist_test, monkeypatch, capsys):
+    from PIL import Image
+    import train
+    out = tmp_path / 'run'
+    train.main(VIDEO_ARGS + [f'--out_dir={out}'])
+    with Image.open(out / 'samples_000002.png') as im:  # one video per class, a row of its 8 frames
+        assert im.size == (8 * 32, 10 * 32)
+    npz, gif, strip = tmp_path / 'v.npz', tmp_path / 'v.gif', tmp_path / 'strip.png'
+    r = generate.main([f'--ckpt={out / "ckpt.pt"}', '--labels=3,5', '--n_per_class=2', '--n_frames=10',
+                       f'--out={strip}', f'--gif={gif}', f'--npz={npz}'])
+    assert r.images.shape == (4, 10, 1, 32, 32) and r.labels.tolist() == [3, 3, 5, 5]
+    with Image.open(strip) as im:  # one row per video, one column per frame
+        assert im.size == (10 * 32, 4 * 32)
+        assert np.array_equal(np.asarray(im)[32:64, 64:96], r.images[1, 2, 0].numpy())
+    with Image.open(gif) as im:  # the videos play, two per row as on the command line
+        assert im.n_frames == 10 and im.size[0] == im.size[1]
+    with np.load(npz) as f:
+        assert f['images'].shape == (4, 10, 32, 32, 1) and f['labels'].tolist() == [3, 3, 5, 5]
+    with pytest.raises(ConfigError, match='only for video models'):
+        generate.main(['--ckpt=' + str(write_checkpoint(tmp_path / 'img.pt', dict(TRAIN_DEFAULTS, **TINY))),
+                       '--n_frames=4'])
+
+    test_x, test_y = (t[:1000] for t in mnist_test)
+    torch.manual_seed(0)
+    judge_path = tmp_path / 'judge.pt'  # an untrained judge: training one takes a minute
+    cli.save_checkpoint(str(judge_path), judge.Judge().state_dict())
+    monkeypatch.setattr(data, 'load_dataset', lambda name, data_dir, split: (test_x, test_y))
+    capsys.readouterr()
+    acc, fid, real_acc, real_fid, motion, by_frame = evaluate.main(
+        [f'--npz={npz}', f'--data_dir={MNIST_DIR}', f'--judge={judge_path}'])
+    text = capsys.readouterr().out
+    assert len(by_frame) == 10 and acc == pytest.approx(sum(by_frame) / 10)
+    assert f'{npz}: 4 videos: frame class accuracy {acc:.3f}' in text
+    assert 'real Moving MNIST videos, same judge, 4 videos of 10 frames' in text
+    speed, spread, real_speed, real_spread = motion
+    assert 1.0 < real_speed < 4.3 and real_spread >= 0  # 1..3 pixels a frame on each axis
+    acc2, *_ = evaluate.main([f'--ckpt={out / "ckpt.pt"}', f'--data_dir={MNIST_DIR}', f'--judge={judge_path}',
+                              '--n_per_class=1', '--steps=2'])
+    assert 'frame class accuracy' in capsys.readouterr().out

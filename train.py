@@ -1,15 +1,17 @@
 """
-Train an ACDiT model on MNIST or CIFAR-10.
+Train an ACDiT model on MNIST or CIFAR-10 images, or Moving MNIST videos.
 
     python train.py                                  # MNIST with the defaults below
     python train.py --data_dir=path/to/mnist         # offline: the four MNIST files are there
     python train.py config/mnist_gpu.py              # a config file overrides the defaults
     python train.py config/cifar10.py --batch_size=64   # ...and --key=value overrides both
+    python train.py config/moving_mnist.py           # videos: one block per frame
     torchrun --nproc_per_node=4 train.py config/cifar10.py   # one process per GPU
     python train.py --help                           # every key with its default
 """
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -33,7 +35,7 @@ eval_iters = 20  # test batches (of 32 images, whatever batch_size is) averaged 
 log_interval = 200  # print the training loss every this many steps
 sample_interval = 6000  # save a grid of samples every this many steps
 # --- data ---
-dataset = 'mnist'  # 'mnist' or 'cifar10'
+dataset = 'mnist'  # 'mnist', 'cifar10' or 'moving_mnist' (videos: see config/moving_mnist.py)
 data_dir = 'data'  # where the dataset files are (downloaded there when missing)
 # --- model shape ---
 patch_size = 4  # each token is a patch_size x patch_size patch of pixels
@@ -99,11 +101,13 @@ def check_config(c):
     img_size, channels = data.DATASET_SHAPES[c.dataset]
     try:
         mcfg = acdit.ACDiTConfig(
-            img_size=img_size, in_channels=channels, patch_size=c.patch_size, block_h=c.block_h,
+            img_size=img_size, in_channels=channels, n_frames=data.VIDEO_FRAMES.get(c.dataset, 1),
+            patch_size=c.patch_size, block_h=c.block_h,
             block_w=c.block_w, depth=c.depth, width=c.width, n_heads=c.n_heads, rope_base=c.rope_base,
             label_dropout=c.label_dropout, min_snr_gamma=c.min_snr_gamma, attn_backend=c.attn_backend)
     except ValueError as e:
-        raise ConfigError(str(e)) from None
+        hint = ' (config/moving_mnist.py is a working start)' if c.dataset in data.VIDEO_FRAMES else ''
+        raise ConfigError(str(e) + hint) from None
     cli.check(c.sample_steps <= mcfg.n_timesteps,
               f'sample_steps={c.sample_steps} is more than the {mcfg.n_timesteps} diffusion timesteps')
     return mcfg
@@ -156,12 +160,12 @@ EVAL_BATCH_SIZE = 32
 
 
 @torch.no_grad()
-def estimate_loss(models, images, labels, eval_iters, ctx):
+def estimate_loss(models, images, labels, eval_iters, ctx, get_batch):
     """Each model's plain eps-MSE on eval_iters fixed test batches with fixed timesteps, noise
     and label dropout: comparable between evals and between runs of any batch_size or loss
     weighting. (It draws from torch's seeded generator; the next step reseeds it.)"""
     gen = torch.Generator().manual_seed(0)
-    batches = [data.get_batch(images, labels, EVAL_BATCH_SIZE, gen) for _ in range(eval_iters)]
+    batches = [get_batch(images, labels, EVAL_BATCH_SIZE, gen) for _ in range(eval_iters)]
     out = []
     for m in models:
         m.eval()
@@ -173,10 +177,14 @@ def estimate_loss(models, images, labels, eval_iters, ctx):
 
 
 def sample_grid(model, path, c, dev, n_per_class=10):
-    """A grid of samples, one row per class, with a fixed seed (comparable across evals)."""
-    labels = torch.arange(10, device=dev).repeat_interleave(n_per_class)
+    """A grid of samples, one row per class, with a fixed seed (comparable across evals); for
+    video one video per class, a row of its frames."""
+    video = model.cfg.n_frames > 1
+    labels = torch.arange(10, device=dev).repeat_interleave(1 if video else n_per_class)
     imgs = acdit.sample(model, labels, cfg_scale=c.cfg_scale, sampler=c.sampler, steps=c.sample_steps,
                         generator=torch.Generator(device=dev).manual_seed(0))
+    if video:
+        imgs, n_per_class = imgs.flatten(0, 1), model.cfg.n_frames           # (10*T, C, H, W)
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     data.save_grid(imgs, path, nrow=n_per_class)
 
@@ -358,6 +366,8 @@ def main(argv=None):
     train_images, train_labels = (t.to(dev) for t in data.load_dataset(c.dataset, c.data_dir, 'train'))
     test_images, test_labels = (t.to(dev) for t in data.load_dataset(c.dataset, c.data_dir, 'test'))
     hflip = c.dataset == 'cifar10'  # mirror half the photos; digits are not symmetric
+    get_batch = data.moving_mnist_batch if c.dataset in data.VIDEO_FRAMES else \
+        functools.partial(data.get_batch, hflip=hflip)
     batch_gen = torch.Generator()
 
     model, ema, optimizer = make_model(mcfg, c, dev)
@@ -392,7 +402,7 @@ def main(argv=None):
                 lr = get_lr(it, c)
                 for group in optimizer.param_groups:
                     group['lr'] = lr
-                x, y = data.get_batch(train_images, train_labels, c.batch_size, batch_gen, hflip)
+                x, y = get_batch(train_images, train_labels, c.batch_size, batch_gen)
                 with ctx:
                     loss = step_model(x, y)
                 optimizer.zero_grad(set_to_none=True)
@@ -423,7 +433,7 @@ def main(argv=None):
                         f'elapsed {fmt_time(now - t_start)} | eta {fmt_time(dt * (c.max_iters - it))}')
                 if it % c.eval_interval == 0 or it == c.max_iters:
                     if master:
-                        raw, avg = estimate_loss([model, ema], test_images, test_labels, c.eval_iters, ctx)
+                        raw, avg = estimate_loss([model, ema], test_images, test_labels, c.eval_iters, ctx, get_batch)
                         log(f'eval @ {it}: test loss {raw:.4f}, ema {avg:.4f}')
                     save(it)
                 if master and (it % c.sample_interval == 0 or it == c.max_iters):

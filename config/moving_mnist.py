@@ -1,0 +1,13 @@
+# Moving MNIST videos on 2 CPU cores: 8 frames of 32x32, one digit bouncing off the edges,
+# made on the fly from the MNIST files (no download of its own). One block is one frame.
+#   python train.py config/moving_mnist.py --data_dir=path/to/mnist
+dataset = 'moving_mnist'
+out_dir = 'out-moving-mnist'
+
+patch_size = 8    # 4x4 patches of 8x8 pixels a frame: 16 tokens, so 8 frames train as 240 tokens
+block_h = 4       # a block is a whole frame (video needs that): RoPE's 3 axes are frame, row, column
+block_w = 4
+
+max_iters = 12000
+eval_interval = 1000
+sample_interval = 4000
