@@ -80,10 +80,11 @@ class ACDiTConfig:
             bad(f"width={self.width} is not divisible by n_heads={self.n_heads}")
         if self.head_dim % 4:
             bad(f"head dim width/n_heads = {self.width}/{self.n_heads} = {self.head_dim} must be "
-                f"a multiple of 4: 2D RoPE rotates pairs of dims on each of the two axes")
+                f"a multiple of 4: RoPE rotates pairs of dims, as many on the row axis as on the column axis")
         if self.n_frames > 1 and self.head_dim < 6:
             bad(f"head dim {self.head_dim} is too small for video: 3D RoPE needs a pair of dims "
-                f"for each of its three axes (frame, row, column)")
+                f"for each of its three axes (frame, row, column); raise width or lower n_heads "
+                f"so that width/n_heads >= 8")
         if not 0.0 <= self.label_dropout < 1.0:
             bad(f"label_dropout={self.label_dropout} must be in [0, 1)")
         if not 0.0 < self.beta_start < self.beta_end < 1.0:
@@ -136,8 +137,8 @@ def patchify(imgs, cfg):
         raise ValueError(f"expected {'images' if cfg.n_frames == 1 else 'videos'} of shape (B, "
                          f"{', '.join(map(str, want))}), got {tuple(imgs.shape)}")
     p, bh, bw, g = cfg.patch_size, cfg.block_h, cfg.block_w, cfg.grid
-    x = imgs.reshape(-1, cfg.in_channels, g // bh, bh, p, g // bw, bw, p)  # frames fold into B
-    x = x.permute(0, 2, 5, 3, 6, 4, 7, 1)  # (B*T, blocks down, blocks across, bh, bw, p, p, C)
+    x = imgs.reshape(imgs.shape[0] * cfg.n_frames, cfg.in_channels, g // bh, bh, p, g // bw, bw, p)
+    x = x.permute(0, 2, 5, 3, 6, 4, 7, 1)  # (B*T, blocks down, blocks across, bh, bw, p, p, C): frames fold into B
     return x.reshape(imgs.shape[0], cfg.n_blocks * cfg.block_len, cfg.patch_dim)
 
 
@@ -145,19 +146,19 @@ def unpatchify(tokens, cfg):
     """Exact inverse of patchify: (B, N*Bl, P) -> (B, C, H, W), or (B, T, C, H, W) for video,
     where T may exceed n_frames (a video sampled past its trained length)."""
     p, bh, bw, C, g = cfg.patch_size, cfg.block_h, cfg.block_w, cfg.in_channels, cfg.grid
-    x = tokens.reshape(-1, g // bh, g // bw, bh, bw, p, p, C)  # (B*T, ...): frame by frame
+    B, T = tokens.shape[0], tokens.shape[1] // (g * g)          # T frames (1 for an image)
+    x = tokens.reshape(B * T, g // bh, g // bw, bh, bw, p, p, C)
     x = x.permute(0, 7, 1, 3, 5, 2, 4, 6)  # (B*T, C, blocks down, bh, p, blocks across, bw, p)
     frame = (C, cfg.img_size, cfg.img_size)
-    return x.reshape(tokens.shape[0], *frame) if cfg.n_frames == 1 else x.reshape(tokens.shape[0], -1, *frame)
+    return x.reshape(B, *frame) if cfg.n_frames == 1 else x.reshape(B, T, *frame)
 
 
 def token_coords(cfg, n_tokens=None):
     """Grid coordinates of the first n_tokens tokens (default all N*Bl) in block-major order:
     (row, col) for images, (frame, row, col) for video; (n_tokens, 2 or 3)."""
     idx = torch.arange(cfg.n_blocks * cfg.block_len if n_tokens is None else n_tokens)
-    per_frame = cfg.grid * cfg.grid
-    frame, idx = idx // per_frame, idx % per_frame
-    blk, j = idx // cfg.block_len, idx % cfg.block_len      # block id in the frame, position in it
+    frame, in_frame = idx // cfg.grid ** 2, idx % cfg.grid ** 2  # an image is frame 0 (and has no frame axis)
+    blk, j = in_frame // cfg.block_len, in_frame % cfg.block_len  # block id in the frame, position in it
     blocks_per_row = cfg.grid // cfg.block_w
     row = (blk // blocks_per_row) * cfg.block_h + j // cfg.block_w
     col = (blk % blocks_per_row) * cfg.block_w + j % cfg.block_w
@@ -301,9 +302,10 @@ def gate(x, g):
 
 class RoPE(nn.Module):
     """Rotary position embedding over the patch grid: 2D (row, column) for images, 3D
-    (frame, row, column) for video. The head dim's rotation pairs are shared out equally
-    among the axes, and each axis' slice does its own rotate-half, so q.k depends only on
-    the offset between two tokens. Clean and noised copies of a token get the same rotation."""
+    (frame, row, column) for video. The head dim's rotation pairs are shared out among the
+    axes as equally as they go (the first axes get any extra: a 32-dim head gives a video
+    6, 5, 5), and each axis' slice does its own rotate-half, so q.k depends only on the
+    offset between two tokens. Clean and noised copies of a token get the same rotation."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -556,18 +558,20 @@ class ACDiT(nn.Module):
                              f"whole blocks of {Bl}, and the last block is never committed")
         if n == 0:
             return
-        pos = torch.arange(start * Bl, (start + n) * Bl, device=tokens.device)  # in the cache
+        slots = torch.arange(start * Bl, (start + n) * Bl, device=tokens.device)  # where they go in the cache
         mask = None  # one block sees the whole cache and itself
         if n > 1:    # SCAM's clean rows for the new blocks, over every clean block up to them
             kv = torch.arange((start + n) * Bl, device=tokens.device)
-            mask = scam_mask_mod(self.cfg.n_blocks, Bl)(None, None, pos[:, None], kv[None, :])
+            mask = scam_mask_mod(self.cfg.n_blocks, Bl)(None, None, slots[:, None], kv[None, :])
         none = tokens.new_zeros(tokens.shape[0], 0, self.cfg.width)  # no noised blocks: no condition
         self.rope.grow((cache.dropped + start + n) * Bl)
-        self._run(tokens, none, n, pos + cache.dropped * Bl, mask, cache)
+        pos = slots + cache.dropped * Bl  # positions count on past a slid window (video)
+        self._run(tokens, none, n, pos, mask, cache)
         cache.n_blocks += n
 
     def training_loss(self, imgs, labels, weighted=True):
-        """DDPM loss with ACDiT's per-block timesteps: imgs (B, C, H, W) in [-1, 1], labels (B,).
+        """DDPM loss with ACDiT's per-block timesteps: imgs (B, C, H, W) (or videos (B, T, C, H, W))
+        in [-1, 1], labels (B,).
         weighted=False gives the plain eps-MSE whatever min_snr_gamma is (train.py's eval
         loss, so that runs with and without the weighting compare)."""
         cfg = self.cfg
@@ -595,7 +599,7 @@ class ACDiT(nn.Module):
 
 class KVCache:
     """Per-layer keys/values (after QK-norm and RoPE) of the committed clean blocks, in
-    buffers sized for the whole image, allocated on first use and written in place: a
+    buffers sized for the whole image (or video), allocated on first use and written in place: a
     denoising step writes its block's K/V into the free slot after the committed blocks
     (commit later overwrites it with the clean block's) and attends to a view, no copy."""
 
@@ -623,7 +627,11 @@ class KVCache:
     def drop_oldest(self):
         """Slide the window one block on by forgetting the oldest committed block: how a video
         goes past its trained length. The kept keys keep their RoPE rotations and new blocks
-        their absolute positions, so every query-key offset stays one seen in training."""
+        their absolute positions, so every query-key offset stays one seen in training. (In
+        layers after the first, the kept keys still carry what they saw of the dropped frames:
+        not the same as starting afresh from the last frames as a prefix.)"""
+        if self.n_blocks == 0:
+            raise ValueError("drop_oldest: the cache holds no committed block to drop")
         end = self.n_blocks * self.block_len
         for buf in self.k + self.v:
             if buf is not None:
@@ -654,7 +662,7 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
     cfg_interval=(t_lo, t_hi) guides only the steps with t_lo <= t <= t_hi (Kynkaanniemi et al.
     2024); the other steps run the conditional half alone.
     n_frames (video only, default cfg.n_frames): frames to generate; past the trained length
-    the cache window slides on (KVCache.drop_oldest), keeping the last n_frames - 1 frames.
+    the cache window slides on (KVCache.drop_oldest), keeping the last cfg.n_frames - 1 frames.
     callback(block, step, clean, x, x0), if given, sees every intermediate state:
     clean (B, i*Bl, P) finished blocks, x the current block's x_t, x0 its predicted x_0."""
     cfg = model.cfg
@@ -669,15 +677,21 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
         raise ValueError(f"labels must be in 0..{cfg.n_classes - 1}, got {labels.tolist()}")
     B, Bl = labels.shape[0], cfg.block_len
     n_total = cfg.n_blocks if n_frames is None else n_frames          # blocks to generate
-    if n_frames is not None and (cfg.n_frames == 1 or n_frames < 1 or (n_frames > cfg.n_frames and not use_cache)):
-        raise ValueError(f"n_frames={n_frames}: only for video models, at least 1, and past the trained "
-                         f"{cfg.n_frames} frames only with use_cache=True (the cache window slides)")
+    if n_frames is not None:
+        if cfg.n_frames == 1:
+            raise ValueError(f"n_frames={n_frames}: this model makes images (cfg.n_frames=1); n_frames is for video")
+        if not isinstance(n_frames, int) or n_frames < 1:
+            raise ValueError(f"n_frames={n_frames!r} must be a positive integer")
+        if n_frames > cfg.n_frames and not use_cache:
+            raise ValueError(f"n_frames={n_frames}: the uncached reference samples at most the trained "
+                             f"{cfg.n_frames} frames; past them use use_cache=True (the cache window slides)")
     clean = torch.zeros(B, 0, cfg.patch_dim, device=p.device, dtype=dtype) if prefix is None else \
         prefix.to(p.device, dtype)                                # (B, K*Bl, P)
-    if clean.ndim != 3 or clean.shape[0] != B or clean.shape[1] % Bl or clean.shape[1] >= cfg.n_blocks * Bl \
+    most = min(cfg.n_blocks, n_total) - 1                          # a prefix leaves a block to generate
+    if clean.ndim != 3 or clean.shape[0] != B or clean.shape[1] % Bl or clean.shape[1] > most * Bl \
             or clean.shape[2] != cfg.patch_dim:
         raise ValueError(f"prefix {tuple(clean.shape)}: expected (B={B}, K*{Bl}, {cfg.patch_dim}) "
-                         f"for K < {cfg.n_blocks} given blocks")
+                         f"for K <= {most} given blocks")
     if cfg_interval is not None and not (len(cfg_interval) == 2 and 0 <= cfg_interval[0] <= cfg_interval[1]):
         raise ValueError(f"cfg_interval={cfg_interval!r}: expected timesteps (lo, hi) with 0 <= lo <= hi")
     ts = model.schedule.sampling_timesteps(steps)

@@ -30,7 +30,9 @@ import zlib
 import numpy as np
 import torch
 
-DATASET_SHAPES = {'mnist': (28, 1), 'cifar10': (32, 3), 'moving_mnist': (32, 1)}  # -> (image size, channels)
+# name -> (image size, channels) of what the model sees: for moving_mnist the video frames
+# (load_dataset returns the 14x14 digits they are made from)
+DATASET_SHAPES = {'mnist': (28, 1), 'cifar10': (32, 3), 'moving_mnist': (32, 1)}
 DATASETS = tuple(DATASET_SHAPES)
 # Moving MNIST: one MNIST digit, halved to 14x14, moving with a constant velocity of 1 to
 # MAX_SPEED pixels a frame on each axis and bouncing off the edges of a 32x32 frame (18
@@ -198,8 +200,8 @@ def load_dataset(name, data_dir, split):
         raise ValueError(f"unknown dataset {name!r}, expected one of {', '.join(map(repr, DATASETS))}")
     images, labels = (_load_cifar10 if name == 'cifar10' else _load_mnist)(data_dir, split)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
-    if name == 'moving_mnist':  # the digits to move, halved (2x2 means) so they have room to
-        images = torch.nn.functional.avg_pool2d(images.float(), 2).round().to(torch.uint8)
+    if name == 'moving_mnist':
+        images = halve(images)
     n, c, h, w = images.shape
     what = f'digits {h}x{w} to move in {VIDEO_FRAMES[name]}-frame videos' if name in VIDEO_FRAMES \
         else f'images {h}x{w}x{c}'
@@ -227,6 +229,12 @@ def get_batch(images, labels, batch_size, generator, hflip=False):
         flip = (torch.rand(batch_size, generator=generator) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return to_float(x), y
+
+
+def halve(images):
+    """uint8 images (N, C, H, W) at half the size, each pixel the rounded mean of a 2x2 square:
+    Moving MNIST's digits, 14x14, so that they have room to move in a 32x32 frame."""
+    return torch.nn.functional.avg_pool2d(images.float(), 2).round().to(torch.uint8)
 
 
 def moving_mnist(digits, generator, frames=VIDEO_FRAMES['moving_mnist'], size=32, max_speed=MAX_SPEED):

@@ -59,6 +59,8 @@ def main(argv=None):
                   f'{opt.npz}: the judge knows MNIST only, uint8 images (N, 28, 28, 1) or Moving MNIST '
                   f'videos (N, T, 32, 32, 1); got {images.dtype} {tuple(images.shape)}')
         images = images.movedim(-1, -3)                           # (N, [T,] C, H, W)
+        cli.check(images.ndim == 4 or images.shape[1] >= 3,
+                  f'{opt.npz}: videos of {images.shape[1]} frames; the motion check needs at least 3')
         cli.check(labels.shape == (len(images),) and bool(((labels >= 0) & (labels < 10)).all()),
                   f'{opt.npz}: expected one label in 0..9 per image')
         what = f"{opt.npz}: {len(images)} {'videos' if images.ndim == 5 else 'images'}"
@@ -69,8 +71,9 @@ def main(argv=None):
         video = mcfg.n_frames > 1
         cli.check((mcfg.img_size, mcfg.in_channels, mcfg.n_classes) == ((32 if video else 28), 1, 10),
                   'the judge knows MNIST only (28x28x1 images or 32x32x1 Moving MNIST videos, 10 classes)')
-        cli.check(opt.n_frames == 0 or (video and opt.n_frames >= 2),
-                  f'n_frames={opt.n_frames}: only for video models, and at least 2 (motion needs two frames)')
+        cli.check(opt.n_frames == 0 or video, f'n_frames={opt.n_frames}: only for video models; this checkpoint makes images')
+        cli.check(opt.n_frames == 0 or opt.n_frames >= 3,
+                  f'n_frames={opt.n_frames}: at least 3 (the motion check needs two displacements)')
         cfg_scale, steps, sampler = cli.sampling_settings(opt, ckpt)
     judge = get_judge(opt.data_dir, opt.judge)  # before sampling: a bad --data_dir fails at once
     test_x, test_y = data.load_dataset('mnist', opt.data_dir, 'test')
@@ -98,13 +101,14 @@ def judge_videos(judge, videos, labels, test_x, test_y, picks, what):
     """Every frame of uint8 videos (B, T, 1, 32, 32) judged, beside real Moving MNIST videos of
     the same length made from the test digits picks (the same classes), and the motion of both."""
     B, T = videos.shape[:2]
-    digits = torch.nn.functional.avg_pool2d(test_x.float(), 2).round().to(torch.uint8)  # as data.py
+    digits = data.halve(test_x)
     real = data.moving_mnist(digits[picks], torch.Generator().manual_seed(0), frames=T)
     ref = frame_digits(data.moving_mnist(digits, torch.Generator().manual_seed(1), frames=1))  # for FID
-    acc, fid, confusion = judge_images(judge, frame_digits(videos), labels.repeat_interleave(T), ref)
+    frames = frame_digits(videos)                                 # (B*T, 1, 28, 28), video by video
+    acc, fid, confusion = judge_images(judge, frames, labels.repeat_interleave(T), ref)
     real_acc, real_fid, _ = judge_images(judge, frame_digits(real), test_y[picks].repeat_interleave(T), ref)
     with torch.no_grad():
-        read = judge(data.to_float(frame_digits(videos))).argmax(1).view(B, T)
+        read = judge(data.to_float(frames)).argmax(1).view(B, T)
     by_frame = (read == labels[:, None]).float().mean(0)
     (speed, spread), (real_speed, real_spread) = motion(videos), motion(real)
     print(f'{what}: frame class accuracy {acc:.3f}, frame FID {fid:.1f}')

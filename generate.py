@@ -40,7 +40,7 @@ cfg_interval = ''  # 'lo,hi': guide only the steps with lo <= t <= hi ('' = ever
 seed = 0  # seeds the noise: the same seed gives the same images, cached or not
 device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'
 use_cache = True  # keep finished blocks' keys/values in a KV cache; False rebuilds it every step
-npz = ''  # if set, also save images (N, H, W, C) uint8 and labels (N,) here with np.savez
+npz = ''  # if set, also save images (N, H, W, C) (videos: (N, T, H, W, C)) uint8 and labels (N,) here with np.savez
 gif = ''  # if set, also save an animated GIF here: the generation block by block (for video: the videos)
 n_frames = 0  # video models: frames to generate (0 = the trained length; more slides the cache window)
 prefix_blocks = 0  # K > 0: give the first K blocks of test images, generate the rest (prefix completion)
@@ -131,8 +131,11 @@ def main(argv=None):
                                  f'{mcfg.n_blocks - 1} can be given')
     video = mcfg.n_frames > 1
     cli.check(not (video and K), 'prefix_blocks: prefix completion is for image models only')
-    cli.check(opt.n_frames == 0 or (video and opt.n_frames >= 1),
-              f'n_frames={opt.n_frames}: only for video models (this one makes images), and at least 1')
+    cli.check(opt.n_frames == 0 or video, f'n_frames={opt.n_frames}: only for video models; this checkpoint makes images')
+    cli.check(opt.n_frames >= 0, f'n_frames={opt.n_frames} must be >= 1 (or 0: the trained length)')
+    cli.check(opt.use_cache or opt.n_frames <= mcfg.n_frames,
+              f'n_frames={opt.n_frames}: past the trained {mcfg.n_frames} frames only with --use_cache=True '
+              f'(the cache window slides; the uncached reference has no window)')
     n_total = opt.n_frames or mcfg.n_blocks                       # blocks to generate
     classes = parse_labels(opt.labels, mcfg.n_classes)
     prefix, nrow = None, opt.n_per_class
@@ -211,7 +214,7 @@ def main(argv=None):
     if gif is not None:
         gif.save(opt.gif)
         print(f'wrote {opt.gif} ({len(gif.frames)} frames)')
-    elif opt.gif:  # the videos play side by side, one row per label as in the PNG's rows
+    elif opt.gif:  # the videos play side by side: a row per label, n_per_class videos in each
         frames = [data.grid_array(images[:, t], opt.n_per_class) for t in range(images.shape[1])]
         save_gif(frames, opt.gif, ms_per_frame=200, hold_last_ms=600)
         print(f'wrote {opt.gif} ({len(frames)} frames)')

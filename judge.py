@@ -110,8 +110,8 @@ def center_of_mass(frames):
     """Pixels (..., H, W) -> the intensity-weighted (row, col) of each frame, (..., 2)."""
     f = frames.float()
     mass = f.sum((-2, -1)).clamp(min=1e-6)
-    rows = (f.sum(-1) * torch.arange(f.shape[-2])).sum(-1) / mass
-    cols = (f.sum(-2) * torch.arange(f.shape[-1])).sum(-1) / mass
+    rows = (f.sum(-1) * torch.arange(f.shape[-2], device=f.device)).sum(-1) / mass
+    cols = (f.sum(-2) * torch.arange(f.shape[-1], device=f.device)).sum(-1) / mass
     return torch.stack([rows, cols], dim=-1)
 
 
@@ -130,10 +130,12 @@ def frame_digits(videos, size=14):
 
 
 def motion(videos):
-    """How steadily the digit moves in uint8 videos (B, T, 1, H, W): the frame-to-frame
+    """How steadily the digit moves in uint8 videos (B, T >= 3, 1, H, W): the frame-to-frame
     displacement of its center of mass, |d_t| in pixels. Returns (mean speed, spread): the mean
     of |d_t| and the mean over videos of its standard deviation over t. A Moving MNIST digit
     keeps its speed except at bounces; a frozen digit has speed 0, a jittering one a large spread."""
+    if videos.shape[1] < 3:
+        raise ValueError(f"motion needs videos of at least 3 frames (2 displacements), got {videos.shape[1]}")
     com = center_of_mass(videos[:, :, 0])                         # (B, T, 2)
     speed = (com[:, 1:] - com[:, :-1]).norm(dim=-1)               # (B, T-1)
     return speed.mean().item(), speed.std(dim=1).mean().item()

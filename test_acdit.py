@@ -717,6 +717,12 @@ def test_image_model_outputs_are_unchanged_by_video_support():
                         dtype=torch.float64)
     assert torch.allclose(torch.cat([eps[0, :3, 0], eps[1, -1]]), then, rtol=1e-6, atol=1e-6)
     assert abs(eps.abs().sum().item() - 784.1096608767247) < 1e-4
+    # and cached sampling (positions from the cache, commits), also recorded at 85bde7f
+    imgs = acdit.sample(m, [1, 2], cfg_scale=2.0, sampler="ddpm", steps=4, generator=torch.Generator().manual_seed(0))
+    then = torch.tensor([0.9425973599195879, 0.9073307097315363, 0.9527808141642932, 0.9045387180855012, -1.0,
+                         0.9029993352172305, -1.0, 0.8965109893131781], dtype=torch.float64)
+    assert torch.allclose(imgs[0, 0, 0], then, rtol=1e-6, atol=1e-6)
+    assert abs(imgs.abs().sum().item() - 122.59153101733492) < 1e-4
 
 
 def test_video_scam_dependencies_through_the_whole_model():
@@ -803,8 +809,6 @@ def test_sliding_window_arguments():
     m = randomized(ACDiT(video_config()), dtype=torch.float64)
     with pytest.raises(ValueError, match="use_cache=True"):
         acdit.sample(m, [0], steps=2, n_frames=5, use_cache=False)
-    with pytest.raises(ValueError, match="only for video"):
-        acdit.sample(randomized(ACDiT(tiny_config())), [0], steps=2, n_frames=5)
     assert acdit.sample(m, [0], steps=2, n_frames=2, use_cache=False).shape == (1, 2, 1, 4, 4)
     cache = KVCache(m.cfg, 1)
     with torch.no_grad():
@@ -812,3 +816,11 @@ def test_sliding_window_arguments():
         k = cache.k[0][:, :, 4:12].clone()
         cache.drop_oldest()
     assert (cache.n_blocks, cache.dropped) == (2, 1) and torch.equal(cache.k[0][:, :, :8], k)
+    with pytest.raises(ValueError, match="no committed block to drop"):
+        KVCache(m.cfg, 1).drop_oldest()
+    with pytest.raises(ValueError, match="this model makes images"):
+        acdit.sample(randomized(ACDiT(tiny_config())), [0], steps=2, n_frames=5)
+    with pytest.raises(ValueError, match="positive integer"):
+        acdit.sample(m, [0], steps=2, n_frames=0)
+    with pytest.raises(ValueError, match=r"K <= 1 given blocks"):  # a prefix must leave a frame to make
+        acdit.sample(m, [0], steps=2, n_frames=2, prefix=torch.zeros(1, 2 * 4, 4, dtype=torch.float64))

@@ -646,16 +646,19 @@ def test_motion_of_known_paths():
     assert speed == pytest.approx(5.0) and spread == pytest.approx(0.0, abs=1e-5)
     assert judge.motion(videos[1:]) == pytest.approx((0.0, 0.0), abs=1e-5)
     assert judge.motion(videos)[0] == pytest.approx(2.5)
-    # every frame's digit is cut out around its center of mass and scaled to 28x28
-    digit = torch.randint(1, 256, (14, 14), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    with pytest.raises(ValueError, match='at least 3 frames'):
+        judge.motion(videos[:, :2])
+    dot = torch.zeros(32, 32)
+    dot[20, 3] = 7
+    assert judge.center_of_mass(dot).tolist() == [20.0, 3.0]
+    # every frame's digit is cut out around its center of mass and scaled to 28x28: a digit
+    # symmetric under a half turn has its center of mass in its middle, so its crop is itself
+    half = torch.randint(1, 256, (7, 14), generator=torch.Generator().manual_seed(0)).float()
+    digit = torch.cat([half, half.flip(0, 1)])                    # (14, 14)
     frame = torch.zeros(1, 1, 1, 32, 32, dtype=torch.uint8)
-    frame[0, 0, 0, 9:23, 5:19] = digit
-    com = judge.center_of_mass(frame[0, 0, 0].float())
-    top, left = (com.round().long() - 7).tolist()
-    crop = frame[0, 0, 0, top:top + 14, left:left + 14]
-    want = torch.nn.functional.interpolate(crop[None, None].float(), size=(28, 28), mode='bilinear')
+    frame[0, 0, 0, 9:23, 5:19] = digit.to(torch.uint8)            # middle (15.5, 11.5)
+    want = torch.nn.functional.interpolate(digit[None, None], size=(28, 28), mode='bilinear')
     assert torch.equal(judge.frame_digits(frame), want.round().to(torch.uint8))
-    assert abs(top - 9) <= 2 and abs(left - 5) <= 2
 
 
 @needs_real_mnist
@@ -677,9 +680,11 @@ def test_moving_mnist_trains_generates_past_its_length_and_is_judged(tmp_path, m
         assert im.n_frames == 10 and im.size[0] == im.size[1]
     with np.load(npz) as f:
         assert f['images'].shape == (4, 10, 32, 32, 1) and f['labels'].tolist() == [3, 3, 5, 5]
-    with pytest.raises(ConfigError, match='only for video models'):
-        generate.main(['--ckpt=' + str(write_checkpoint(tmp_path / 'img.pt', dict(TRAIN_DEFAULTS, **TINY))),
-                       '--n_frames=4'])
+    image_ckpt = str(write_checkpoint(tmp_path / 'img.pt', dict(TRAIN_DEFAULTS, **TINY)))
+    with pytest.raises(ConfigError, match='only for video models; this checkpoint makes images'):
+        generate.main([f'--ckpt={image_ckpt}', '--n_frames=4'])
+    with pytest.raises(ConfigError, match='past the trained 8 frames only with --use_cache=True'):
+        generate.main([f'--ckpt={out / "ckpt.pt"}', '--n_frames=9', '--use_cache=False'])
 
     test_x, test_y = (t[:1000] for t in mnist_test)
     torch.manual_seed(0)
@@ -698,3 +703,11 @@ def test_moving_mnist_trains_generates_past_its_length_and_is_judged(tmp_path, m
     acc2, *_ = evaluate.main([f'--ckpt={out / "ckpt.pt"}', f'--data_dir={MNIST_DIR}', f'--judge={judge_path}',
                               '--n_per_class=1', '--steps=2'])
     assert 'frame class accuracy' in capsys.readouterr().out
+    with pytest.raises(ConfigError, match='at least 3'):
+        evaluate.main([f'--ckpt={out / "ckpt.pt"}', f'--data_dir={MNIST_DIR}', '--n_frames=2'])
+    with pytest.raises(ConfigError, match='only for video models'):
+        evaluate.main([f'--ckpt={image_ckpt}', f'--data_dir={MNIST_DIR}', '--n_frames=12'])
+    short = tmp_path / 'short.npz'
+    np.savez(short, images=np.zeros((2, 2, 32, 32, 1), np.uint8), labels=np.zeros(2, np.int64))
+    with pytest.raises(ConfigError, match='videos of 2 frames; the motion check needs at least 3'):
+        evaluate.main([f'--npz={short}', f'--data_dir={MNIST_DIR}', f'--judge={judge_path}'])
