@@ -541,15 +541,22 @@ def test_time_budget_chooses_max_iters_from_the_warm_step_time(monkeypatch):
     clock = iter([110.0, 112.0])  # step 50 at t = 110 s, step 100 at t = 112 s: 40 ms a step
     monkeypatch.setattr(train.time, 'time', lambda: next(clock))
     budget = train.TimeBudget(2.0, 100.0, torch.device('cpu'), ddp=False)  # launched at t = 100 s
-    assert [budget.after_step(it) for it in (1, 49, 50, 51)] == [None] * 4
-    chosen = budget.after_step(100)
+    assert [budget.after_step(it, 10**9) for it in (1, 49, 50, 51)] == [None] * 4
+    chosen = budget.after_step(100, 10**9)
     assert budget.step_seconds == pytest.approx(0.04) and budget.elapsed == pytest.approx(12.0)
     assert chosen == 100 + int((120 - 12) * 0.95 / 0.04)  # 2565
+    # checked again every 500 steps until the decay starts, from the mean step since step 100:
+    # steps 100..500 took 24 s (60 ms each, evals included), so fewer steps fit in the 84 s left
+    assert [budget.after_step(it, 1300) for it in (101, 499)] == [None, None]
+    clock = iter([136.0])
+    assert budget.after_step(500, 1300) == 500 + int((120 - 36) * 0.95 / 0.06)  # 1830
+    assert budget.step_seconds == pytest.approx(0.06)
+    assert budget.after_step(1500, 1300) is None  # the decay has started: the choice stays
     # a budget already spent by the start-up stops right there
     clock = iter([110.0, 112.0])
     late = train.TimeBudget(0.1, 100.0, torch.device('cpu'), ddp=False)
-    late.after_step(50)
-    assert late.after_step(100) == 100
+    late.after_step(50, 10**9)
+    assert late.after_step(100, 10**9) == 100
 
 
 @pytest.mark.usefixtures('cached_mnist')

@@ -117,11 +117,16 @@ def get_lr(it, c):
     """Warmup-stable-decay: linear warmup, flat at learning_rate, then a linear decay to
     learning_rate * min_lr_frac over the last decay_frac of the run. Unlike cosine the flat
     phase does not depend on max_iters, so a run can be extended and only the decay redone."""
-    decay_start = c.max_iters - int(c.decay_frac * c.max_iters)
+    decay_start = decay_start_iter(c)
     if it < c.warmup_iters:
         return c.learning_rate * (it + 1) / (c.warmup_iters + 1)
     progress = min(1.0, max(0, it - decay_start) / max(1, c.max_iters - decay_start))
     return c.learning_rate * (1 - progress * (1 - c.min_lr_frac))
+
+
+def decay_start_iter(c):
+    """The step where warmup-stable-decay's decay begins."""
+    return c.max_iters - int(c.decay_frac * c.max_iters)
 
 
 def ema_decay_at(it, ema_decay):
@@ -307,24 +312,33 @@ def resume(path, config, model, ema, optimizer, log):
 class TimeBudget:
     """--time_budget: after WARMUP steps (compiling) time the next WARMUP, then choose max_iters
     so the run ends about `minutes` after launch, RESERVE of the time left kept for evals,
-    checkpoints and grids (they took 5.5% of the CPU recipe). Warmup and stable learning rates
-    do not depend on max_iters, so choosing it after 2 * WARMUP steps changes nothing done
-    (max_iters is 10**9 until then). A run stopped before then resumes with max_iters as given."""
-    WARMUP, RESERVE = 50, 0.05
+    checkpoints and grids (they took 5.5% of the CPU recipe). Then, every RECHECK steps until
+    the decay starts, choose again from the mean time of all steps since (evals included), so a
+    machine that slows down or speeds up still ends on time. Warmup and stable learning rates
+    do not depend on max_iters, so choosing it again changes nothing done (max_iters is 10**9
+    until the first choice). A run stopped before step 2 * WARMUP resumes with max_iters as
+    given; a resumed run keeps the last choice."""
+    WARMUP, RECHECK, RESERVE = 50, 500, 0.05
 
     def __init__(self, minutes, t_launch, dev, ddp):
         self.seconds, self.t_launch, self.dev, self.ddp = minutes * 60, t_launch, dev, ddp
 
-    def after_step(self, it):
-        """The max_iters chosen after step it (at it == 2 * WARMUP), else None."""
-        if it not in (self.WARMUP, 2 * self.WARMUP):
+    def after_step(self, it, decay_start):
+        """max_iters chosen after step it (at it == 2 * WARMUP, then at multiples of RECHECK
+        before decay_start, the current choice's decay start), else None."""
+        first = it == 2 * self.WARMUP
+        if not (it == self.WARMUP or first or (it > 2 * self.WARMUP and it % self.RECHECK == 0 and it < decay_start)):
             return None
         cli.sync(self.dev)
         now = time.time()
         if it == self.WARMUP:
             self.t_warm = now
             return None
-        self.step_seconds, self.elapsed = (now - self.t_warm) / self.WARMUP, now - self.t_launch
+        if first:
+            self.step_seconds, self.t_first = (now - self.t_warm) / self.WARMUP, now
+        else:  # every step since the first choice, evals and grids included
+            self.step_seconds = (now - self.t_first) / (it - 2 * self.WARMUP)
+        self.elapsed = now - self.t_launch
         left = self.seconds - self.elapsed
         chosen = [max(it, it + int(left * (1 - self.RESERVE) / self.step_seconds))]
         if self.ddp:  # every rank runs rank 0's number of steps
@@ -418,11 +432,16 @@ def main(argv=None):
                 optimizer.step()
                 update_ema(ema, model, ema_decay_at(it, c.ema_decay))
                 it += 1
-                if budget and (chosen := budget.after_step(it)):
+                if budget and (chosen := budget.after_step(it, decay_start_iter(c))):
+                    if it == 2 * budget.WARMUP:
+                        log(f'time_budget {c.time_budget:g} min: a warm step takes {budget.step_seconds * 1000:.1f} ms '
+                            f'and {fmt_time(budget.elapsed)} have passed, so max_iters={chosen} '
+                            f'({budget.RESERVE:.0%} of the rest kept for evals and grids; checked again until the '
+                            f'decay starts; a resume keeps it)')
+                    elif abs(chosen - c.max_iters) > 0.01 * c.max_iters:
+                        log(f'time_budget: steps have taken {budget.step_seconds * 1000:.1f} ms on average, so '
+                            f'max_iters {c.max_iters} -> {chosen}')
                     c.max_iters = config['max_iters'] = chosen
-                    log(f'time_budget {c.time_budget:g} min: a warm step takes {budget.step_seconds * 1000:.1f} ms '
-                        f'and {fmt_time(budget.elapsed)} have passed, so max_iters={chosen} '
-                        f'({budget.RESERVE:.0%} of the rest kept for evals and grids; a resume keeps it)')
 
                 if it % c.log_interval == 0 or it == c.max_iters:  # loss.item() waits for a GPU only here
                     now = time.time()
