@@ -212,12 +212,15 @@ def test_parse_config_file(tmp_path):
 @pytest.mark.parametrize('name', sorted(p.name for p in (REPO / 'config').glob('*.py')))
 def test_shipped_config_files_parse(name):
     c = parse([str(REPO / 'config' / name)], train.CHOICES)
-    assert c['dataset'] in ('mnist', 'cifar10')
+    assert c['dataset'] in ('mnist', 'cifar10', 'moving_mnist')
     assert c['width'] % c['n_heads'] == 0
-    size = {'mnist': 28, 'cifar10': 32}[c['dataset']]
+    size = {'mnist': 28, 'cifar10': 32, 'moving_mnist': 32}[c['dataset']]
     assert size % c['patch_size'] == 0
     tokens_per_side = size // c['patch_size']
     assert tokens_per_side % c['block_h'] == 0 and tokens_per_side % c['block_w'] == 0
+    if c['dataset'] == 'moving_mnist':  # a video block is a whole frame
+        assert c['block_h'] == c['block_w'] == tokens_per_side
+    train.check_config(types.SimpleNamespace(**c))  # the model it describes can be built
 
 
 def test_check_and_run_cli_exit_statuses(capsys):

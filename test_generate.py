@@ -526,7 +526,7 @@ def test_evaluate_rejects_bad_options_before_any_work(tmp_path, monkeypatch):
 def test_evaluate_samples_as_the_checkpoint_did_unless_told(ckpt, monkeypatch, capsys, args, expected):
     seen = {}
 
-    def fake_sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, cfg_interval=None):
+    def fake_sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, cfg_interval=None, n_frames=None):
         seen['settings'] = (cfg_scale, steps, sampler, cfg_interval)
         labels = torch.arange(10).repeat_interleave(n_per_class)
         return torch.zeros(len(labels), 1, 28, 28, dtype=torch.uint8), labels, 0.0

@@ -349,7 +349,7 @@ def test_eval_loss_is_the_plain_eps_mse_whatever_the_weighting():
         with torch.no_grad():
             for p in model.parameters():
                 p.normal_(0, 0.3, generator=g.manual_seed(p.numel()))
-        (losses[gamma],) = train.estimate_loss([model], images, labels, 2, contextlib.nullcontext())
+        (losses[gamma],) = train.estimate_loss([model], images, labels, 2, contextlib.nullcontext(), data.get_batch)
         torch.manual_seed(1)
         x, y = data.get_batch(images, labels, 8, torch.Generator().manual_seed(2))
         losses[gamma, 'train'] = model.training_loss(x, y).item()

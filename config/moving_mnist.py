@@ -8,6 +8,6 @@ patch_size = 8    # 4x4 patches of 8x8 pixels a frame: 16 tokens, so 8 frames tr
 block_h = 4       # a block is a whole frame (video needs that): RoPE's 3 axes are frame, row, column
 block_w = 4
 
-time_budget = 30.0  # minutes from launch to exit (sets max_iters from the warm step time)
+time_budget = 25.0  # minutes from launch to exit (sets max_iters from the warm step time)
 eval_interval = 1000
 sample_interval = 4000
