@@ -506,6 +506,13 @@ class ACDiT(nn.Module):
                                f"has no backward there. Use attn_backend='sdpa' (or 'auto').")
         return want
 
+    def next_positions(self, cache, n_tokens, device):
+        """Positions (n_tokens,) of the tokens that come after the cache's blocks. They count on
+        past a slid window (video), so RoPE's tables grow to cover them."""
+        start = (cache.dropped + cache.n_blocks) * self.cfg.block_len
+        self.rope.grow(start + n_tokens)
+        return torch.arange(start, start + n_tokens, device=device)
+
     def _run(self, tokens, c, n_clean_blocks, pos, mask, cache):
         """Embed tokens (B, L, P) at block-major positions pos (L,) and run the transformer
         stack; the first n_clean_blocks blocks are clean. Returns (B, L, D)."""
@@ -530,10 +537,7 @@ class ACDiT(nn.Module):
                              f"per noised block {(B, n_noised)}; got {tuple(noised.shape)} and {tuple(t.shape)}")
         c = self.t_embed(t) + self.y_embed(y)[:, None]            # (B, Nn, D) per-block condition
         if cache is not None:  # attend to [cache, own block]: no mask
-            start = (cache.dropped + cache.n_blocks) * Bl         # positions count on past a slid window
-            self.rope.grow(start + Bl)
-            pos = torch.arange(start, start + Bl, device=noised.device)
-            x = self._run(noised, c, 0, pos, None, cache)
+            x = self._run(noised, c, 0, self.next_positions(cache, Bl, noised.device), None, cache)
             return self.final(x, c)
         n_clean = cfg.n_blocks - 1
         if n_clean and (clean is None or clean.shape != (B, n_clean * Bl, cfg.patch_dim)):
@@ -564,9 +568,7 @@ class ACDiT(nn.Module):
             kv = torch.arange((start + n) * Bl, device=tokens.device)
             mask = scam_mask_mod(self.cfg.n_blocks, Bl)(None, None, slots[:, None], kv[None, :])
         none = tokens.new_zeros(tokens.shape[0], 0, self.cfg.width)  # no noised blocks: no condition
-        self.rope.grow((cache.dropped + start + n) * Bl)
-        pos = slots + cache.dropped * Bl  # positions count on past a slid window (video)
-        self._run(tokens, none, n, pos, mask, cache)
+        self._run(tokens, none, n, self.next_positions(cache, n * Bl, tokens.device), mask, cache)
         cache.n_blocks += n
 
     def training_loss(self, imgs, labels, weighted=True):
