@@ -661,6 +661,8 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
     `generator` (a torch.Generator on the model's device), so they agree.
     prefix: (B, K*Bl, P) tokens of the first K blocks, given clean (prefix completion): they
     fill the cache in one pass and blocks K..N-1 are generated; they come out unchanged.
+    cfg_scale may also be a list or tuple, one scale per block (per-block guidance: block i is
+    guided by cfg_scale[i]; a block at 1.0 runs the conditional half alone).
     cfg_interval=(t_lo, t_hi) guides only the steps with t_lo <= t <= t_hi (Kynkaanniemi et al.
     2024); the other steps run the conditional half alone.
     n_frames (video only, default cfg.n_frames): frames to generate; past the trained length
@@ -696,8 +698,11 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
                          f"for K <= {most} given blocks")
     if cfg_interval is not None and not (len(cfg_interval) == 2 and 0 <= cfg_interval[0] <= cfg_interval[1]):
         raise ValueError(f"cfg_interval={cfg_interval!r}: expected timesteps (lo, hi) with 0 <= lo <= hi")
+    scales = [float(w) for w in cfg_scale] if isinstance(cfg_scale, (list, tuple)) else [float(cfg_scale)] * n_total
+    if len(scales) != n_total:
+        raise ValueError(f"cfg_scale has {len(scales)} scales; per-block guidance needs one per block ({n_total})")
     ts = model.schedule.sampling_timesteps(steps)
-    guided = cfg_scale != 1.0
+    guided = any(w != 1.0 for w in scales)
     y = torch.cat([labels, torch.full_like(labels, model.null_label)]) if guided else labels
 
     def rows(x):  # under CFG every pass runs [conditional; unconditional]: 2B rows
@@ -717,13 +722,13 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
                 if not use_cache:  # the reference: rebuild the cache from scratch every step
                     cache = KVCache(cfg, y.shape[0])
                     model.commit(rows(clean), cache)
-                guide = guided and (cfg_interval is None or cfg_interval[0] <= t <= cfg_interval[1])
+                guide = scales[i] != 1.0 and (cfg_interval is None or cfg_interval[0] <= t <= cfg_interval[1])
                 n = y.shape[0] if guide else B                    # unguided: the conditional rows only
                 tt = torch.full((n, 1), t, device=p.device)
                 eps = model(rows(x) if guide else x.to(p.dtype), tt, y[:n], cache=cache).to(dtype)
                 if guide:
                     eps_c, eps_u = eps.chunk(2)
-                    eps = eps_u + cfg_scale * (eps_c - eps_u)
+                    eps = eps_u + scales[i] * (eps_c - eps_u)
                 x, x0 = model.schedule.step(x, eps, t, t_prev, SAMPLERS[sampler], generator,
                                             clip_x0, prev)
                 if sampler == "dpm++":

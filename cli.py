@@ -264,13 +264,14 @@ def load_model(path, weights='ema', device='cpu'):
     return model.to(device).eval(), ckpt
 
 
-def sampling_settings(opt, ckpt=None):
+def sampling_settings(opt, ckpt=None, n_blocks=None):
     """(cfg_scale, steps, sampler) from a script's options, where 'auto' means what the checkpoint's
     run sampled with (else SAMPLING_DEFAULTS). Called once before the checkpoint loads (ckpt=None:
-    'auto' gives None, and only the values given are checked) and once after."""
+    'auto' gives None, and only the values given are checked) and once after, with n_blocks, the
+    blocks the model will make (per-block guidance needs a scale for each)."""
     recorded = {**SAMPLING_DEFAULTS, **((ckpt or {}).get('config') or {})}
     settings = []
-    for key, ckpt_key, kind in (('cfg_scale', 'cfg_scale', float), ('steps', 'sample_steps', int),
+    for key, ckpt_key, kind in (('cfg_scale', 'cfg_scale', guidance_scale), ('steps', 'sample_steps', int),
                                 ('sampler', 'sampler', str)):
         text = getattr(opt, key)
         if text == 'auto' and ckpt is None:
@@ -283,11 +284,26 @@ def sampling_settings(opt, ckpt=None):
             value = math.nan
         if kind is str:
             check(value in acdit.SAMPLERS, f"{key}={text!r}: choose one of {', '.join(acdit.SAMPLERS)} or 'auto'")
+        elif kind is int:
+            check(math.isfinite(value) and value >= 1,
+                  f"{key}={text} must be an integer >= 1 or 'auto' (the checkpoint's {ckpt_key})")
         else:
-            check(math.isfinite(value) and (kind is float or value >= 1), f"{key}={text} must be "
-                  f"{'an integer >= 1' if kind is int else 'a number'} or 'auto' (the checkpoint's {ckpt_key})")
+            check(all(map(math.isfinite, value if isinstance(value, tuple) else [value])),
+                  f"{key}={text} must be a number, one number per block ('w0,w1,...'), or 'auto' "
+                  f"(the checkpoint's {ckpt_key})")
         settings.append(value)
+    scale = settings[0]
+    if n_blocks is not None and isinstance(scale, tuple):
+        check(len(scale) == n_blocks, f"cfg_scale={opt.cfg_scale}: {len(scale)} scales, but per-block "
+                                      f"guidance needs one for each of the model's {n_blocks} blocks")
     return tuple(settings)
+
+
+def guidance_scale(text):
+    """--cfg_scale: '2' -> 2.0; 'w0,w1,...' -> a tuple, one scale per block (acdit.sample's
+    per-block guidance)."""
+    values = tuple(float(v) for v in str(text).split(','))
+    return values[0] if len(values) == 1 else values
 
 
 def parse_cfg_interval(text):

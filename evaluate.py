@@ -31,7 +31,7 @@ npz = ''  # if set, judge these images (generate.py --npz) instead of sampling f
 data_dir = 'data'  # where the MNIST files are (the judge trains on them, FID compares with them)
 judge = 'judge.pt'  # the judge's weights: trained and saved here on first use, then reused
 n_per_class = 100  # samples per class (1000 in all: FID needs a few hundred)
-cfg_scale = 'auto'  # classifier-free guidance; 'auto' = what the checkpoint's run sampled with
+cfg_scale = 'auto'  # classifier-free guidance, or one per block 'w0,w1,...'; 'auto' = what the run sampled with
 sampler = 'auto'  # 'ddpm', 'ddim' or 'dpm++'; 'auto' as above
 steps = 'auto'  # denoising steps per block; 'auto' as above
 cfg_interval = ''  # 'lo,hi': guide only the steps with lo <= t <= hi ('' = every step)
@@ -74,7 +74,7 @@ def main(argv=None):
         cli.check(opt.n_frames == 0 or video, f'n_frames={opt.n_frames}: only for video models; this checkpoint makes images')
         cli.check(opt.n_frames == 0 or opt.n_frames >= 3,
                   f'n_frames={opt.n_frames}: at least 3 (the motion check needs two displacements)')
-        cfg_scale, steps, sampler = cli.sampling_settings(opt, ckpt)
+        cfg_scale, steps, sampler = cli.sampling_settings(opt, ckpt, n_blocks=opt.n_frames or mcfg.n_blocks)
     judge = get_judge(opt.data_dir, opt.judge)  # before sampling: a bad --data_dir fails at once
     test_x, test_y = data.load_dataset('mnist', opt.data_dir, 'test')
     if not opt.npz:

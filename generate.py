@@ -33,7 +33,7 @@ weights = 'ema'  # 'ema' (the averaged weights train.py samples with) or 'model'
 out = ''  # grid PNG, one row per label (or source image; for video one per video); '' = samples.png by the checkpoint
 labels = 'all'  # class labels to sample, e.g. 0,1,2, or 'all'
 n_per_class = 10  # samples per label (per source image with prefix_blocks): the columns of the grid
-cfg_scale = 'auto'  # classifier-free guidance (1.0 = none); 'auto' = what the checkpoint's run sampled with
+cfg_scale = 'auto'  # classifier-free guidance (1.0 = none), or one per block 'w0,w1,...'; 'auto' = the run's
 sampler = 'auto'  # 'ddpm' (ancestral), 'ddim' (deterministic), 'dpm++' (DPM-Solver++(2M)); 'auto' as above
 steps = 'auto'  # denoising steps per block; 'auto' as above
 cfg_interval = ''  # 'lo,hi': guide only the steps with lo <= t <= hi ('' = every step)
@@ -125,7 +125,7 @@ def main(argv=None):
     dev = cli.pick_device(opt.device)
     model, ckpt = cli.load_model(opt.ckpt, opt.weights, dev)
     mcfg, K = model.cfg, opt.prefix_blocks
-    cfg_scale, steps, sampler = cli.sampling_settings(opt, ckpt)
+    cfg_scale, steps, sampler = cli.sampling_settings(opt, ckpt, n_blocks=opt.n_frames or mcfg.n_blocks)
     cli.check(steps <= mcfg.n_timesteps, f"steps={steps} is more than the model's {mcfg.n_timesteps} diffusion timesteps")
     cli.check(K < mcfg.n_blocks, f'prefix_blocks={K}: this model has {mcfg.n_blocks} blocks, so at most '
                                  f'{mcfg.n_blocks - 1} can be given')

@@ -637,6 +637,32 @@ def test_guidance_interval():
     assert not torch.allclose(middle, run(cfg_scale=1.0), atol=1e-3)
 
 
+
+def test_per_block_guidance_is_block_k_sampled_at_its_own_scale():
+    """cfg_scale=[w_0, ..., w_{N-1}]: block k is what plain guidance at w_k makes after blocks
+    0..k-1, built here one block at a time through prefix completion. DDIM draws only each
+    block's starting noise, so the reference's generator skips the k draws before block k."""
+    cfg = tiny_config(block_h=2, block_w=2)
+    m = randomized(ACDiT(cfg), dtype=torch.float64)
+    labels, scales, Bl = [0, 1, 2], [3.0, 1.0, 2.0, 1.5], cfg.block_len
+    kw = dict(steps=4, sampler="ddim")
+    out = patchify(acdit.sample(m, labels, cfg_scale=scales, generator=torch.Generator().manual_seed(5), **kw), cfg)
+    ref = out[:, :0]
+    for k, w in enumerate(scales):
+        g = torch.Generator().manual_seed(5)
+        for _ in range(k):
+            torch.randn(3, Bl, cfg.patch_dim, generator=g, dtype=torch.float64)
+        block_k = patchify(acdit.sample(m, labels, cfg_scale=w, prefix=ref, generator=g, **kw), cfg)[:, k * Bl:(k + 1) * Bl]
+        ref = torch.cat([ref, block_k], dim=1)
+    assert torch.allclose(out, ref, atol=1e-9)
+    plain = patchify(acdit.sample(m, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(5), **kw), cfg)
+    assert not torch.allclose(out, plain, atol=1e-3)
+    cached_vs_not = acdit.sample(m, labels, cfg_scale=scales, generator=torch.Generator().manual_seed(5),
+                                 use_cache=False, **kw)
+    assert torch.allclose(patchify(cached_vs_not, cfg), out, atol=1e-9)
+    with pytest.raises(ValueError, match="one per block"):
+        acdit.sample(m, labels, cfg_scale=[2.0, 2.0], **kw)
+
 # --- video: one block per frame, 3D RoPE, a sliding cache window -----------------------
 
 def video_config(**kw):

@@ -467,6 +467,19 @@ def test_sampling_settings_reject_bad_values(option, message):
             cli.sampling_settings(opts(**option), ckpt)
 
 
+
+def test_per_block_cfg_scale_is_one_number_per_block():
+    ckpt = {'config': DEFAULTS}
+    assert cli.sampling_settings(opts(cfg_scale='1,3,2.5'), ckpt) == ((1.0, 3.0, 2.5), 50, 'ddpm')
+    assert cli.sampling_settings(opts(cfg_scale='1,3,2.5'), ckpt, n_blocks=3)[0] == (1.0, 3.0, 2.5)
+    assert cli.sampling_settings(opts(cfg_scale='2'), ckpt, n_blocks=3)[0] == 2.0   # one number: every block
+    with pytest.raises(ConfigError, match=re.escape("cfg_scale=1,3: 2 scales, but per-block guidance needs "
+                                                    "one for each of the model's 7 blocks")):
+        cli.sampling_settings(opts(cfg_scale='1,3'), ckpt, n_blocks=7)
+    for bad in ('1,nan', '1,,2', '2,strong'):
+        with pytest.raises(ConfigError, match=re.escape(f"cfg_scale={bad} must be a number, one number per block")):
+            cli.sampling_settings(opts(cfg_scale=bad), ckpt)
+
 def test_sampling_settings_reject_a_bad_recorded_value():
     with pytest.raises(ConfigError, match=re.escape("sampler='euler'")):
         cli.sampling_settings(opts(), {'config': {'sampler': 'euler'}})

@@ -522,6 +522,7 @@ def test_evaluate_rejects_bad_options_before_any_work(tmp_path, monkeypatch):
     ([], (1.5, 4, 'ddim', None)),  # 'auto': how the checkpoint's run sampled (TINY)
     (['--cfg_scale=3', '--steps=10', '--sampler=ddpm'], (3.0, 10, 'ddpm', None)),
     (['--sampler=dpm++', '--cfg_interval=200,800'], (1.5, 4, 'dpm++', (200, 800))),
+    (['--cfg_scale=1,3,2,1.5'], ((1.0, 3.0, 2.0, 1.5), 4, 'ddim', None)),  # per block: TINY has 4
 ])
 def test_evaluate_samples_as_the_checkpoint_did_unless_told(ckpt, monkeypatch, capsys, args, expected):
     seen = {}
@@ -570,6 +571,15 @@ def test_judge_counts_what_the_judge_reads(ckpt, tmp_path):
 
 
 @needs_real_mnist
+def test_per_block_cfg_scale_must_fit_the_model(ckpt, tmp_path):
+    for script, more in ((evaluate, [f'--judge={tmp_path}/judge.pt', f'--data_dir={tmp_path}/nothing']),
+                         (generate, [f'--out={tmp_path}/s.png'])):
+        with pytest.raises(ConfigError, match=re.escape("cfg_scale=1,2: 2 scales, but per-block guidance needs "
+                                                        "one for each of the model's 4 blocks")):
+            script.main([f'--ckpt={ckpt}', '--cfg_scale=1,2'] + more)
+    assert list(tmp_path.iterdir()) == []                        # nothing made before the check
+
+
 def test_evaluate_judges_an_npz_from_generate(ckpt, tmp_path, mnist_test, monkeypatch, capsys):
     """evaluate.py --npz judges generate.py's images (no checkpoint needed) and prints the
     same judge's numbers for as many real test images of the same classes."""

@@ -4,7 +4,7 @@
 dataset = 'mnist'
 out_dir = 'out-mnist-long'
 
-depth = 4          # 4x192 (2.2M parameters) instead of 3x128: three times the time buys a
+depth = 4          # 4x192 (2.83M parameters) instead of 3x128: three times the time buys a
 width = 192        # bigger model, not only more steps of the small one
 n_heads = 6        # head dim 32, as in the default
 
