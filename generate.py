@@ -125,8 +125,6 @@ def main(argv=None):
     dev = cli.pick_device(opt.device)
     model, ckpt = cli.load_model(opt.ckpt, opt.weights, dev)
     mcfg, K = model.cfg, opt.prefix_blocks
-    cfg_scale, steps, sampler = cli.sampling_settings(opt, ckpt, n_blocks=opt.n_frames or mcfg.n_blocks)
-    cli.check(steps <= mcfg.n_timesteps, f"steps={steps} is more than the model's {mcfg.n_timesteps} diffusion timesteps")
     cli.check(K < mcfg.n_blocks, f'prefix_blocks={K}: this model has {mcfg.n_blocks} blocks, so at most '
                                  f'{mcfg.n_blocks - 1} can be given')
     video = mcfg.n_frames > 1
@@ -137,6 +135,8 @@ def main(argv=None):
               f'n_frames={opt.n_frames}: past the trained {mcfg.n_frames} frames only with --use_cache=True '
               f'(the cache window slides; the uncached reference has no window)')
     n_total = opt.n_frames or mcfg.n_blocks                       # blocks to generate
+    cfg_scale, steps, sampler = cli.sampling_settings(opt, ckpt, n_blocks=n_total)
+    cli.check(steps <= mcfg.n_timesteps, f"steps={steps} is more than the model's {mcfg.n_timesteps} diffusion timesteps")
     classes = parse_labels(opt.labels, mcfg.n_classes)
     prefix, nrow = None, opt.n_per_class
     if K:  # the first `sources` test images of each class, each completed n_per_class times

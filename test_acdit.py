@@ -637,7 +637,6 @@ def test_guidance_interval():
     assert not torch.allclose(middle, run(cfg_scale=1.0), atol=1e-3)
 
 
-
 def test_per_block_guidance_is_block_k_sampled_at_its_own_scale():
     """cfg_scale=[w_0, ..., w_{N-1}]: block k is what plain guidance at w_k makes after blocks
     0..k-1, built here one block at a time through prefix completion. DDIM draws only each
@@ -662,6 +661,7 @@ def test_per_block_guidance_is_block_k_sampled_at_its_own_scale():
     assert torch.allclose(patchify(cached_vs_not, cfg), out, atol=1e-9)
     with pytest.raises(ValueError, match="one per block"):
         acdit.sample(m, labels, cfg_scale=[2.0, 2.0], **kw)
+
 
 # --- video: one block per frame, 3D RoPE, a sliding cache window -----------------------
 

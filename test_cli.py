@@ -467,7 +467,6 @@ def test_sampling_settings_reject_bad_values(option, message):
             cli.sampling_settings(opts(**option), ckpt)
 
 
-
 def test_per_block_cfg_scale_is_one_number_per_block():
     ckpt = {'config': DEFAULTS}
     assert cli.sampling_settings(opts(cfg_scale='1,3,2.5'), ckpt) == ((1.0, 3.0, 2.5), 50, 'ddpm')
@@ -479,6 +478,7 @@ def test_per_block_cfg_scale_is_one_number_per_block():
     for bad in ('1,nan', '1,,2', '2,strong'):
         with pytest.raises(ConfigError, match=re.escape(f"cfg_scale={bad} must be a number, one number per block")):
             cli.sampling_settings(opts(cfg_scale=bad), ckpt)
+
 
 def test_sampling_settings_reject_a_bad_recorded_value():
     with pytest.raises(ConfigError, match=re.escape("sampler='euler'")):
