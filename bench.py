@@ -26,15 +26,15 @@ import torch
 import acdit
 import cli
 
-# ----------------------------------------------------------------------------- config start
-device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'
-quick = False  # tiny models (depth 1, width 32), sample_batches 2, batch_size 2, steps 2: seconds
-sample_batches = '8,100'  # images per sampling call, one group of rows each (100: generate.py's default)
-batch_size = 8  # images per training step
-steps = 5  # denoising steps per block when sampling
-reps = 3  # timed runs of each variant (the median is shown), after a warmup run
-seed = 0  # seeds the weights, data, labels and noise
-# ----------------------------------------------------------------------------- config end
+OPTIONS = {
+    'device': ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'"),
+    'quick': (False, 'tiny models (depth 1, width 32), sample_batches 2, batch_size 2, steps 2: seconds'),
+    'sample_batches': ('8,100', "images per sampling call, one group of rows each (100: generate.py's default)"),
+    'batch_size': (8, 'images per training step'),
+    'steps': (5, 'denoising steps per block when sampling'),
+    'reps': (3, 'timed runs of each variant (the median is shown), after a warmup run'),
+    'seed': (0, 'seeds the weights, data, labels and noise'),
+}
 CFG_SCALE = 2.0  # guidance on, as train.py and generate.py sample: every pass runs 2 x batch rows
 
 
@@ -49,10 +49,10 @@ def shapes(quick):
                                                                   block_h=4, block_w=4, **size)}
 
 
-def sample_token_forwards(cfg, batch, steps, cached):
+def sample_token_forwards(config, batch, steps, cached):
     """Tokens one acdit.sample() call pushes through the network (rows x tokens, summed over
     passes), counted from the algorithm. Under CFG every pass has 2*batch rows."""
-    rows, N, Bl = 2 * batch, cfg.n_blocks, cfg.block_len
+    rows, N, Bl = 2 * batch, config.n_blocks, config.block_len
     if cached:  # each step runs block i's Bl tokens; then block i is committed (not the last one)
         return rows * steps * N * Bl + rows * (N - 1) * Bl
     return rows * steps * sum(i * Bl + Bl for i in range(N))  # each step also re-commits the i clean blocks
@@ -79,37 +79,37 @@ def compare(variants, reps, dev):
     return {n: (statistics.median(times[n]), None if None in peaks[n] else max(peaks[n])) for n in times}
 
 
-def bench_sampling(label, cfg, batch, c, dev):
-    torch.manual_seed(c.seed)
-    model = acdit.ACDiT(dataclasses.replace(cfg, attn_backend='sdpa')).to(dev).eval()
-    labels = torch.randint(cfg.n_classes, (batch,), device=dev)
+def bench_sampling(label, config, batch, args, dev):
+    torch.manual_seed(args.seed)
+    model = acdit.ACDiT(dataclasses.replace(config, attn_backend='sdpa')).to(dev).eval()
+    labels = torch.randint(config.n_classes, (batch,), device=dev)
 
     def sampler(use_cache, steps):
         return lambda: acdit.sample(model, labels, cfg_scale=CFG_SCALE, steps=steps, use_cache=use_cache,
-                                    generator=torch.Generator(device=dev).manual_seed(c.seed))
+                                    generator=torch.Generator(device=dev).manual_seed(args.seed))
 
     # warm up with one step per block: every code path and shape, at a fraction of the cost
-    variants = [(name, sampler(cached, c.steps), sampler(cached, 1))
+    variants = [(name, sampler(cached, args.steps), sampler(cached, 1))
                 for name, cached in (('KV cache', True), ('uncached', False))]
-    result = compare(variants, c.reps, dev)
+    result = compare(variants, args.reps, dev)
     return [dict(bench=f'sampling, batch {batch}', shape=label, variant=name, result=result[name],
-                 tokens=sample_token_forwards(cfg, batch, c.steps, name == 'KV cache'))
+                 tokens=sample_token_forwards(config, batch, args.steps, name == 'KV cache'))
             for name, _, _ in variants]
 
 
-def bench_training(label, cfg, c, dev):
-    gen = torch.Generator().manual_seed(c.seed)
-    imgs = (torch.rand(c.batch_size, cfg.in_channels, cfg.img_size, cfg.img_size, generator=gen) * 2 - 1).to(dev)
-    labels = torch.randint(cfg.n_classes, (c.batch_size,), generator=gen).to(dev)
+def bench_training(label, config, args, dev):
+    gen = torch.Generator().manual_seed(args.seed)
+    imgs = (torch.rand(args.batch_size, config.in_channels, config.img_size, config.img_size, generator=gen) * 2 - 1).to(dev)
+    labels = torch.randint(config.n_classes, (args.batch_size,), generator=gen).to(dev)
     ctx = cli.autocast_context(dev, 'bfloat16')  # what train.py does: bf16 on CUDA, else float32
-    setups = [('DiT (1 block)', dataclasses.replace(cfg, block_h=cfg.grid, block_w=cfg.grid)),
-              ('ACDiT, sdpa', dataclasses.replace(cfg, attn_backend='sdpa'))]
+    setups = [('DiT (1 block)', dataclasses.replace(config, block_h=config.grid, block_w=config.grid)),
+              ('ACDiT, sdpa', dataclasses.replace(config, attn_backend='sdpa'))]
     if dev.type == 'cuda':
-        setups.append(('ACDiT, flex', dataclasses.replace(cfg, attn_backend='flex')))
+        setups.append(('ACDiT, flex', dataclasses.replace(config, attn_backend='flex')))
 
-    def step_fn(mcfg):
-        torch.manual_seed(c.seed)
-        model = acdit.ACDiT(mcfg).to(dev)
+    def step_fn(config):
+        torch.manual_seed(args.seed)
+        model = acdit.ACDiT(config).to(dev)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
         def step():
@@ -121,12 +121,12 @@ def bench_training(label, cfg, c, dev):
         return step
 
     variants = []
-    for name, mcfg in setups:  # two warmup steps: the first also makes AdamW's state (and compiles flex)
-        step = step_fn(mcfg)
+    for name, config in setups:  # two warmup steps: the first also makes AdamW's state (and compiles flex)
+        step = step_fn(config)
         variants.append((name, step, lambda step=step: [step() for _ in range(2)]))
-    result = compare(variants, c.reps, dev)
+    result = compare(variants, args.reps, dev)
     return [dict(bench='training step', shape=label, variant=name, result=result[name],
-                 tokens=c.batch_size * mcfg.seq_len) for name, mcfg in setups]
+                 tokens=args.batch_size * config.seq_len) for name, config in setups]
 
 
 def table(rows):
@@ -152,46 +152,37 @@ def table(rows):
 
 
 def main(argv=None):
-    c = cli.parse_args(argv, __file__, __doc__)
-    if c is None:
+    args = cli.parse_args(argv, __doc__, OPTIONS, {'device': ('auto', 'cpu', 'cuda', 'mps')})
+    if args is None:
         return None
-    if c.quick:
-        c.sample_batches, c.batch_size, c.steps = '2', 2, 2
+    if args.quick:
+        args.sample_batches, args.batch_size, args.steps = '2', 2, 2
     try:
-        batches = [int(b) for b in str(c.sample_batches).split(',')]
+        batches = [int(b) for b in str(args.sample_batches).split(',')]
     except ValueError:
-        raise cli.ConfigError(f"sample_batches={c.sample_batches!r}: expected numbers separated by commas") from None
-    for key, value in (('sample_batches', min(batches)), ('batch_size', c.batch_size), ('steps', c.steps),
-                       ('reps', c.reps)):
+        raise cli.ConfigError(f"sample_batches={args.sample_batches!r}: expected numbers separated by commas") from None
+    for key, value in (('sample_batches', min(batches)), ('batch_size', args.batch_size), ('steps', args.steps),
+                       ('reps', args.reps)):
         cli.check(value >= 1, f'{key}={value} must be at least 1')
-    dev = cli.pick_device(c.device)
+    dev = cli.pick_device(args.device)
     where = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else \
         f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.backends.cpu.get_cpu_capability()}'
     print(f'# ACDiT benchmark: {dev} ({where}), torch {torch.__version__}, {torch.get_num_threads()} threads')
-    print(f'sampling {c.steps} steps per block with cfg_scale {CFG_SCALE}, training batch {c.batch_size}, '
-          f'median of {c.reps} timed run(s) after warmup{", quick (tiny models)" if c.quick else ""}\n')
+    print(f'sampling {args.steps} steps per block with cfg_scale {CFG_SCALE}, training batch {args.batch_size}, '
+          f'median of {args.reps} timed run(s) after warmup{", quick (tiny models)" if args.quick else ""}\n')
     rows = []
-    for label, cfg in shapes(c.quick).items():
+    for label, config in shapes(args.quick).items():
         for batch in batches:
             print(f'measuring sampling, batch {batch}, {label} ...', file=sys.stderr)
-            rows += bench_sampling(label, cfg, batch, c, dev)
-        if cfg.n_frames == 1:  # video: sampling only (a frame is already one block, no DiT to compare)
+            rows += bench_sampling(label, config, batch, args, dev)
+        if config.n_frames == 1:  # video: sampling only (a frame is already one block, no DiT to compare)
             print(f'measuring training, {label} ...', file=sys.stderr)
-            rows += bench_training(label, cfg, c, dev)
+            rows += bench_training(label, config, args, dev)
     print(table(rows) + '\n')
-    notes = ['ratio: time relative to the first row of its group; ideal: the same ratio of token-forwards '
-             '(tokens through the network, rows x tokens summed over passes); of ideal: ratio / ideal. '
-             "Sampling: the cached sampler runs each block's Bl tokens per step plus one commit pass per "
-             'block, the uncached one also re-commits the whole clean prefix every step. Training: (2N-1)*Bl '
-             'tokens per image against N*Bl. Token-forwards leave out attention, whose cost grows with the '
-             'context, so long sequences can beat the ideal; fixed per-call costs pull small batches below it.']
-    if dev.type == 'cuda':
-        notes.append('peak MiB: torch.cuda.max_memory_allocated during a run minus what was allocated before '
-                     'it. flex: torch.compile(flex_attention), as acdit.attend runs it on CUDA; both samplers use sdpa.')
-    else:
-        notes.append(f'peak MiB: n/a on {dev.type}. FlexAttention rows need CUDA: on {dev.type} FlexAttention '
-                     f'has no backward, and it is only fast when torch.compile fuses it on a GPU.')
-    print('\n\n'.join(textwrap.fill(note, 100) for note in notes))
+    print(textwrap.fill("ratio: time against the group's first row; ideal: the same ratio of token-forwards (rows x "
+                        "tokens through the network, summed over passes; attention's growing cost is left out, fixed "
+                        "per-call costs too); of ideal: ratio / ideal. peak MiB (CUDA only): the most allocated during "
+                        "a run. FlexAttention rows need CUDA (no backward elsewhere; fast only compiled).", 100))
     return rows
 
 

@@ -194,10 +194,7 @@ def _load_cifar10(data_dir, split):
 def load_dataset(name, data_dir, split):
     """Load a whole split into memory, downloading it into data_dir first if missing.
     Returns (images, labels): a torch uint8 tensor (N, C, H, W) and a torch int64 tensor (N,)."""
-    if split not in ('train', 'test'):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}, expected one of {', '.join(map(repr, DATASETS))}")
+    assert split in ('train', 'test') and name in DATASETS
     images, labels = (_load_cifar10 if name == 'cifar10' else _load_mnist)(data_dir, split)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
     if name == 'moving_mnist':

@@ -25,64 +25,66 @@ import cli
 import data
 from judge import frame_digits, get_judge, judge_images, misreadings, motion, sample_images
 
-# ----------------------------------------------------------------------------- config start
-ckpt = 'out/ckpt.pt'  # checkpoint written by train.py
-npz = ''  # if set, judge these images (generate.py --npz) instead of sampling from ckpt
-data_dir = 'data'  # where the MNIST files are (the judge trains on them, FID compares with them)
-judge = 'judge.pt'  # the judge's weights: trained and saved here on first use, then reused
-n_per_class = 100  # samples per class (1000 in all: FID needs a few hundred)
-cfg_scale = 'auto'  # classifier-free guidance, or one per block 'w0,w1,...'; 'auto' = what the run sampled with
-sampler = 'auto'  # 'ddpm', 'ddim' or 'dpm++'; 'auto' as above
-steps = 'auto'  # denoising steps per block; 'auto' as above
-cfg_interval = ''  # 'lo,hi': guide only the steps with lo <= t <= hi ('' = every step)
-seed = 0  # seeds the sampling noise
-weights = 'ema'  # 'ema' (the averaged weights) or 'model' (the raw ones)
-n_frames = 0  # video models: frames per video (0 = the trained length; more slides the cache window)
-device = 'auto'  # 'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'
-# ----------------------------------------------------------------------------- config end
+OPTIONS = {
+    'ckpt': ('out/ckpt.pt', 'checkpoint written by train.py'),
+    'npz': ('', 'if set, judge these images (generate.py --npz) instead of sampling from ckpt'),
+    'data_dir': ('data', 'where the MNIST files are (the judge trains on them, FID compares with them)'),
+    'judge': ('judge.pt', "the judge's weights: trained and saved here on first use, then reused"),
+    'n_per_class': (100, 'samples per class (1000 in all: FID needs a few hundred)'),
+    'cfg_scale': ('auto', "classifier-free guidance; 'auto' = what the run drew its grids with"),
+    'sampler': ('auto', "'ddpm', 'ddim' or 'dpm++'; 'auto' as above"),
+    'steps': ('auto', "denoising steps per block; 'auto' as above"),
+    'seed': (0, 'seeds the sampling noise'),
+    'weights': ('ema', "'ema' (the averaged weights) or 'model' (the raw ones)"),
+    'n_frames': (0, 'video models: frames per video (0 = the trained length; more slides the cache window)'),
+    'device': ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'"),
+}
+CHOICES = {'weights': ('ema', 'model'), 'device': ('auto', 'cpu', 'cuda', 'mps')}
+
+
+def read_npz(path):
+    """uint8 images (N, C, H, W) or videos (N, T, C, H, W) and labels from generate.py --npz."""
+    try:
+        with np.load(path) as f:
+            images, labels = torch.from_numpy(f['images']), torch.from_numpy(f['labels']).long()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise cli.ConfigError(f'{path} is not an NPZ of images and labels as generate.py --npz writes '
+                              f'({type(e).__name__}: {e})') from None
+    cli.check(images.dtype == torch.uint8 and (tuple(images.shape[1:]) == (28, 28, 1) or (
+              images.ndim == 5 and images.shape[1] >= 3 and tuple(images.shape[2:]) == (32, 32, 1))),
+              f'{path}: the judge knows MNIST only, uint8 images (N, 28, 28, 1) or Moving MNIST videos '
+              f'(N, T >= 3, 32, 32, 1); got {images.dtype} {tuple(images.shape)}')
+    cli.check(labels.shape == (len(images),) and bool(((labels >= 0) & (labels < 10)).all()),
+              f'{path}: expected one label in 0..9 per image')
+    return images.movedim(-1, -3), labels
 
 
 def main(argv=None):
-    opt = cli.parse_args(argv, __file__, __doc__)
-    if opt is None:
+    args = cli.parse_args(argv, __doc__, OPTIONS, CHOICES)
+    if args is None:
         return None
-    interval = cli.check_sampling_options(opt)  # a bad option fails before the checkpoint loads
-    if opt.npz:
-        try:
-            with np.load(opt.npz) as f:
-                images, labels = torch.from_numpy(f['images']), torch.from_numpy(f['labels']).long()
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise cli.CheckpointError(f'{opt.npz} is not an NPZ of images and labels as generate.py '
-                                      f'--npz writes ({type(e).__name__}: {e})') from None
-        cli.check(images.dtype == torch.uint8 and (tuple(images.shape[1:]) == (28, 28, 1) or (
-                  images.ndim == 5 and tuple(images.shape[2:]) == (32, 32, 1))),
-                  f'{opt.npz}: the judge knows MNIST only, uint8 images (N, 28, 28, 1) or Moving MNIST '
-                  f'videos (N, T, 32, 32, 1); got {images.dtype} {tuple(images.shape)}')
-        images = images.movedim(-1, -3)                           # (N, [T,] C, H, W)
-        cli.check(images.ndim == 4 or images.shape[1] >= 3,
-                  f'{opt.npz}: videos of {images.shape[1]} frames; the motion check needs at least 3')
-        cli.check(labels.shape == (len(images),) and bool(((labels >= 0) & (labels < 10)).all()),
-                  f'{opt.npz}: expected one label in 0..9 per image')
-        what = f"{opt.npz}: {len(images)} {'videos' if images.ndim == 5 else 'images'}"
+    cli.check(args.n_per_class >= 1, f'n_per_class={args.n_per_class} must be at least 1')
+    cli.check(0 <= args.seed < 2**62, f'seed={args.seed} must be in [0, 2**62)')
+    if args.npz:
+        images, labels = read_npz(args.npz)
+        what = f"{args.npz}: {len(images)} {'videos' if images.ndim == 5 else 'images'}"
     else:
-        dev = cli.pick_device(opt.device)
-        model, ckpt = cli.load_model(opt.ckpt, opt.weights, dev)
-        mcfg = model.cfg
-        video = mcfg.n_frames > 1
-        cli.check((mcfg.img_size, mcfg.in_channels, mcfg.n_classes) == ((32 if video else 28), 1, 10),
-                  'the judge knows MNIST only (28x28x1 images or 32x32x1 Moving MNIST videos, 10 classes)')
-        cli.check(opt.n_frames == 0 or video, f'n_frames={opt.n_frames}: only for video models; this checkpoint makes images')
-        cli.check(opt.n_frames == 0 or opt.n_frames >= 3,
-                  f'n_frames={opt.n_frames}: at least 3 (the motion check needs two displacements)')
-        cfg_scale, steps, sampler = cli.sampling_settings(opt, ckpt, n_blocks=opt.n_frames or mcfg.n_blocks)
-    judge = get_judge(opt.data_dir, opt.judge)  # before sampling: a bad --data_dir fails at once
-    test_x, test_y = data.load_dataset('mnist', opt.data_dir, 'test')
-    if not opt.npz:
-        images, labels, seconds = sample_images(model, opt.n_per_class, cfg_scale, steps, sampler, opt.seed,
-                                                cfg_interval=interval, n_frames=opt.n_frames or None)
-        what = (f"{opt.ckpt} (iter {ckpt.get('iter_num')}, {opt.weights}): {len(images)} samples, {sampler} "
-                f'{steps} steps/block, CFG {cfg_scale}{f" on t in {list(interval)}" if interval else ""} '
-                f'(sampling {seconds:.0f}s)')
+        dev = cli.pick_device(args.device)
+        model, ckpt = cli.load_model(args.ckpt, args.weights, dev)
+        video = model.config.n_frames > 1
+        cli.check(ckpt['args']['dataset'] in ('mnist', 'moving_mnist'),
+                  f"the judge knows MNIST only; this checkpoint trained on {ckpt['args']['dataset']}")
+        cli.check(args.n_frames == 0 or video, f'n_frames={args.n_frames}: only for video models')
+        cli.check(args.n_frames == 0 or args.n_frames >= 3, f'n_frames={args.n_frames}: at least 3 (the motion '
+                                                            f'check needs two displacements)')
+        cfg_scale, steps, sampler = cli.sampling_settings(args, ckpt)
+    judge = get_judge(args.data_dir, args.judge)  # before sampling: a bad --data_dir fails at once
+    test_x, test_y = data.load_dataset('mnist', args.data_dir, 'test')
+    if not args.npz:
+        images, labels, seconds = sample_images(model, args.n_per_class, cfg_scale, steps, sampler, args.seed,
+                                                n_frames=args.n_frames or None)
+        what = (f"{args.ckpt} (iter {ckpt['iter_num']}, {args.weights}): {len(images)} samples, {sampler} "
+                f'{steps} steps/block, CFG {cfg_scale} (sampling {seconds:.0f}s)')
     # the ceiling: as many real test images, the first of each class in the same proportions
     picks = torch.cat([(test_y == y).nonzero()[:int((labels == y).sum()), 0] for y in range(10)])
     if images.ndim == 5:

@@ -80,8 +80,7 @@ def judge_images(judge, images, labels, test_x):
 
 
 @torch.no_grad()
-def sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, batch=250, cfg_interval=None,
-                  n_frames=None):
+def sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, batch=250, n_frames=None):
     """n_per_class uint8 samples of each class (as saved to a PNG; videos for a video model, of
     n_frames frames if given), their labels, and the seconds."""
     dev = next(model.parameters()).device
@@ -89,7 +88,7 @@ def sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, batch=2
     t0 = time.perf_counter()
     imgs = torch.cat([acdit.sample(model, labels[i:i + batch].to(dev), cfg_scale=cfg_scale, sampler=sampler,
                                    steps=steps, generator=torch.Generator(dev).manual_seed(seed + i),
-                                   cfg_interval=cfg_interval, n_frames=n_frames).cpu()
+                                   n_frames=n_frames).cpu()
                       for i in range(0, len(labels), batch)])
     return data.to_uint8(imgs), labels, time.perf_counter() - t0
 
@@ -134,8 +133,7 @@ def motion(videos):
     displacement of its center of mass, |d_t| in pixels. Returns (mean speed, spread): the mean
     of |d_t| and the mean over videos of its standard deviation over t. A Moving MNIST digit
     keeps its speed except at bounces; a frozen digit has speed 0, a jittering one a large spread."""
-    if videos.shape[1] < 3:
-        raise ValueError(f"motion needs videos of at least 3 frames (2 displacements), got {videos.shape[1]}")
+    assert videos.shape[1] >= 3, "two displacements at least"
     com = center_of_mass(videos[:, :, 0])                         # (B, T, 2)
     speed = (com[:, 1:] - com[:, :-1]).norm(dim=-1)               # (B, T-1)
     return speed.mean().item(), speed.std(dim=1).mean().item()

@@ -17,7 +17,6 @@ changing flags.
 """
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -56,40 +55,30 @@ def main(argv):
         return
     root = next((a.split('=', 1)[1] for a in reversed(argv) if a.startswith('--root=')), 'out-tradeoff')
     passthrough = [a for a in argv if not a.startswith('--root=')]
-    # check the flags for train.py now, not after the data and the judge are ready
-    defaults = {k: v[0] for k, v in cli.config_block(TRAIN).items()}
-    data_dir = cli.parse_config(BUDGET + passthrough, defaults)['data_dir']
+    data_dir = next((a.split('=', 1)[1] for a in reversed(BUDGET + passthrough) if a.startswith('--data_dir=')), 'data')
     flags = dict(a[2:].split('=', 1) for a in BUDGET + passthrough if a.startswith('--') and '=' in a)
-    test_x, _ = data.load_dataset('mnist', data_dir, 'test')  # fails early if the data is missing
-    judge = get_judge(data_dir)
-    rows = []
+    rows, judge = [], None
     for name, (bh, bw) in SHAPES.items():
         out = os.path.join(root, f'block{bh}x{bw}')
         print(f'\n=== {name}: {out} ===', flush=True)
         timing = os.path.join(out, 'train_seconds.txt')
         if not os.path.exists(timing):  # not trained yet (delete the folder to redo a run)
             t0 = time.perf_counter()
-            cmd = [sys.executable, TRAIN, *BUDGET, *passthrough, f'--block_h={bh}', f'--block_w={bw}',
-                   f'--out_dir={out}']
-            run = subprocess.run(cmd, text=True, stdout=subprocess.PIPE)  # paths stay relative to here
-            print(run.stdout, end='')
-            if run.returncode:
-                raise RuntimeError(f'train.py failed (exit status {run.returncode}): {" ".join(cmd)}')
+            cmd = [sys.executable, TRAIN, *BUDGET, *passthrough, f'--block_h={bh}', f'--block_w={bw}', f'--out_dir={out}']
+            cli.check(subprocess.run(cmd).returncode == 0, f'train.py failed: {" ".join(cmd)}')  # it said why
             with open(timing, 'w') as f:
                 f.write(f'{time.perf_counter() - t0:.1f}\n')
-            with open(os.path.join(out, 'train_log.txt'), 'w') as f:
-                f.write(run.stdout)
         with open(timing) as f:
             train_s = float(f.read())
-        with open(os.path.join(out, 'train_log.txt')) as f:  # the EMA test loss of the last eval
-            loss = float(re.findall(r'^eval @ \d+: test loss \S+, ema (\S+)$', f.read(), re.M)[-1])
         model, ckpt = cli.load_model(os.path.join(out, 'ckpt.pt'), 'ema')
+        judge = judge or get_judge(data_dir)
+        test_x, _ = data.load_dataset('mnist', data_dir, 'test')
         images, labels, _ = sample_images(model, 30, 2.0, SAMPLE_STEPS, 'ddim')
         acc, fid, _ = judge_images(judge, images, labels, test_x)
         cached, uncached = time_sampling(model, True), time_sampling(model, False)
-        m = model.cfg
-        rows.append((name, m.n_blocks, m.block_len, m.seq_len, loss, acc, fid, train_s, cached, uncached,
-                     os.path.join(out, f"samples_{ckpt['iter_num']:06d}.png")))
+        m = model.config
+        rows.append((name, m.n_blocks, m.block_len, m.seq_len, ckpt['ema_test_loss'], acc, fid, train_s, cached,
+                     uncached, os.path.join(out, f"samples_{ckpt['iter_num']:06d}.png")))
 
     print(f"\nbudget: {' '.join(f'--{k}={v}' for k, v in flags.items())}; sampling: 10 images, DDIM "
           f'{SAMPLE_STEPS} steps/block, CFG 2.0; torch {torch.__version__}, {torch.get_num_threads()} threads')
