@@ -1,8 +1,7 @@
 """
-What the scripts share: the command line (defaults, config files, --key=value overrides and
---help), the device, and checkpoints (saved atomically, loaded safely, made into a model).
-User input is checked here and in the script that owns the option, once: a mistake is one
-line on stderr and exit status 2, with nothing written.
+What the scripts share: the command line (defaults, config files, --key=value and --help), the
+device, and checkpoints. User input is checked here and in the script that owns the option,
+once: a mistake is one line on stderr and exit status 2, with nothing written.
 """
 
 import os
@@ -125,8 +124,8 @@ def sync(device):
 
 
 def save_checkpoint(path, obj):
-    """torch.save obj to path atomically: a temp file in the same directory, flushed to disk,
-    then renamed over path. A crash or a full disk mid-save keeps the old file."""
+    """torch.save obj to path atomically (a temp file beside it, flushed, renamed over it): a crash
+    or a full disk mid-save keeps the old file."""
     directory = os.path.dirname(path) or '.'
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
@@ -144,7 +143,7 @@ def save_checkpoint(path, obj):
 def load_checkpoint(path, device='cpu'):
     """torch.load with weights_only=True (tensors, dicts, lists, numbers and strings only);
     a missing, truncated or foreign file is a ConfigError naming it."""
-    check(os.path.isfile(path), f'no checkpoint at {path}')
+    check(os.path.isfile(path), f'no checkpoint at {path} (train.py writes one to out_dir/ckpt.pt)')
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
@@ -154,10 +153,7 @@ def load_checkpoint(path, device='cpu'):
 
 
 def load_model(path, weights='ema', device='cpu'):
-    """The ACDiT of a train.py checkpoint with its 'ema' or 'model' weights, on device, and
-    the checkpoint."""
-    check(os.path.isfile(path), f'no checkpoint at {path}: train one with `python train.py` '
-                                f'(it writes out_dir/ckpt.pt) or point --ckpt at one')
+    """(the ACDiT of a train.py checkpoint with its 'ema' or 'model' weights, the checkpoint)."""
     ckpt = load_checkpoint(path)
     check(isinstance(ckpt, dict) and {'model_config', 'args', weights} <= set(ckpt) and isinstance(ckpt['args'], dict)
           and {'dataset', 'cfg_scale', 'sampler', 'sample_steps'} <= set(ckpt['args']),
