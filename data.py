@@ -1,11 +1,13 @@
 """
-Datasets for ACDiT: MNIST and CIFAR-10, read with numpy and the standard library only, and
-Moving MNIST videos made on the fly from the MNIST digits.
+Datasets for ACDiT: MNIST and CIFAR-10, read with numpy and the standard library only, your own
+images in class folders (read with Pillow), and Moving MNIST videos made on the fly from the
+MNIST digits.
 
     images, labels = load_dataset('mnist', 'path/to/mnist', 'train')  # uint8 (N, C, H, W), int64 (N,)
     x, y = get_batch(images, labels, 64, torch.Generator().manual_seed(0))  # float in [-1, 1]
     save_grid(to_uint8(x), 'batch.png', nrow=8)
     digits, labels = load_dataset('moving_mnist', 'path/to/mnist', 'train')  # MNIST digits, halved
+    images, labels = load_dataset('folder', 'path/to/pictures', 'train', img_size=64)  # train/<class>/*
     v, y = moving_mnist_batch(digits, labels, 8, torch.Generator().manual_seed(0))  # (8, T, 1, 32, 32)
 
 A missing file is downloaded into data_dir from the official mirrors. Every file is
@@ -31,9 +33,10 @@ import numpy as np
 import torch
 
 # name -> (image size, channels) of what the model sees: for moving_mnist the video frames
-# (load_dataset returns the 14x14 digits they are made from)
+# (load_dataset returns the 14x14 digits they are made from); a folder's come from its images
 DATASET_SHAPES = {'mnist': (28, 1), 'cifar10': (32, 3), 'moving_mnist': (32, 1)}
-DATASETS = tuple(DATASET_SHAPES)
+DATASETS = (*DATASET_SHAPES, 'folder')
+FOLDER_TEST_SHARE = 0.1  # a folder without test/: this share of train/, drawn with seed 0, is held out
 # Moving MNIST: one MNIST digit, halved to 14x14, moving with a constant velocity of 1 to
 # MAX_SPEED pixels a frame on each axis and bouncing off the edges of a 32x32 frame (18
 # pixels of room). 8 frames of 4x4 patches of 8x8 pixels: 16 tokens a frame, so the training
@@ -188,14 +191,85 @@ def _load_cifar10(data_dir, split):
         labels.append(np.asarray(batch_labels, dtype=np.int64))
     return np.concatenate(images), np.concatenate(labels)
 
+
+
+def _decode_folder(root, classes, img_size, channels, every_class):
+    """Every image in root/<class>/ for the given classes, decoded: uint8 (N, C, S, S), int64 (N,),
+    labels the classes' places in `classes` (every_class: each has a non-empty folder). img_size > 0
+    crops each to its central square and resizes it to that; channels 0: 1 if every image is gray, else 3."""
+    from PIL import Image, ImageOps
+    extra = sorted(set(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) - set(classes))
+    if extra:
+        raise DataError(f"{root} has class folders that train/ lacks: {', '.join(extra)}")
+    files = []
+    for label, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        names = sorted(f for f in os.listdir(folder) if not f.startswith('.')) if os.path.isdir(folder) else []
+        if not names and every_class:
+            raise DataError(f"{folder}: no images (every class folder in train/ needs some)")
+        files += [(os.path.join(folder, f), label) for f in names]
+    if not files:
+        raise DataError(f"{root}: no images in its class folders")
+
+    def read(path, what):  # what(image) for the image at path; an unreadable file is named
+        try:
+            with Image.open(path) as img:
+                return what(img)
+        except Exception as e:  # Pillow raises many kinds: not an image, truncated, unsupported
+            raise DataError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
+
+    print(f'reading {len(files)} images in {root} ...', flush=True)  # 60,000 take about 10 s
+    headers = [read(path, lambda img: (img.size, img.mode)) for path, _ in files]  # no pixels decoded yet
+    channels = channels or (1 if all(mode in ('1', 'L', 'I', 'I;16', 'F') for _, mode in headers) else 3)
+    if not img_size:  # one common square size, or the user says which
+        (w, h), _ = headers[0]
+        odd = next((f'{path} is {s[0]}x{s[1]}' for (path, _), (s, _) in zip(files, headers) if s != (w, h)), '')
+        if odd or w != h:
+            raise DataError(f"{root}: the images are not all one square size ({files[0][0]} is {w}x{h}"
+                            f"{', ' + odd if odd else ''}): pass --img_size=N to crop each to its central "
+                            f"square and resize it to NxN")
+        img_size = w
+    mode = 'L' if channels == 1 else 'RGB'
+    arrays = [read(path, lambda img: np.asarray(ImageOps.fit(img.convert(mode), (img_size, img_size), Image.BICUBIC)))
+              for path, _ in files]
+    array = np.stack(arrays).reshape(len(arrays), img_size, img_size, channels).transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(array), np.array([label for _, label in files], dtype=np.int64)
+
+
+def _load_folder(data_dir, split, img_size=0, channels=0):
+    """Your own images: data_dir/train/<class>/* and, if there, data_dir/test/<class>/* (else
+    FOLDER_TEST_SHARE of train, drawn with seed 0, is the test split and the rest trains).
+    Labels are the sorted class folder names of train/; any file Pillow reads is an image.
+    Decoded on every call (nothing cached that could go stale)."""
+    train = os.path.join(data_dir, 'train')
+    classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))
+                     and not d.startswith('.')) if os.path.isdir(train) else []
+    if len(classes) < 2:
+        raise DataError(f"{train}: {'one class folder (' + classes[0] + ')' if classes else 'no class folders'}; "
+                        f"expected {os.path.join(train, '<class>', '<image>')} for at least two classes")
+    test = os.path.join(data_dir, 'test')
+    if split == 'test' and os.path.isdir(test):
+        return _decode_folder(test, classes, img_size, channels, every_class=False)
+    images, labels = _decode_folder(train, classes, img_size, channels, every_class=True)
+    if os.path.isdir(test):
+        return images, labels
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0)).numpy()
+    n_test = max(1, round(FOLDER_TEST_SHARE * len(images)))
+    keep = order[:n_test] if split == 'test' else np.sort(order[n_test:])
+    return images[keep], labels[keep]
+
 # -----------------------------------------------------------------------------
 # the public entry point, pixels, batches and image grids
 
-def load_dataset(name, data_dir, split):
+def load_dataset(name, data_dir, split, img_size=0, channels=0):
     """Load a whole split into memory, downloading it into data_dir first if missing.
-    Returns (images, labels): a torch uint8 tensor (N, C, H, W) and a torch int64 tensor (N,)."""
+    Returns (images, labels): a torch uint8 tensor (N, C, H, W) and a torch int64 tensor (N,).
+    img_size and channels (0: from the images) are for 'folder' only."""
     assert split in ('train', 'test') and name in DATASETS
-    images, labels = (_load_cifar10 if name == 'cifar10' else _load_mnist)(data_dir, split)
+    if name == 'folder':
+        images, labels = _load_folder(data_dir, split, img_size, channels)
+    else:
+        images, labels = (_load_cifar10 if name == 'cifar10' else _load_mnist)(data_dir, split)
     images, labels = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
     if name == 'moving_mnist':
         images = halve(images)

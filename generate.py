@@ -43,7 +43,7 @@ OPTIONS = {
     'prefix_blocks': (0, 'K > 0: give the first K blocks of test images, generate the rest (prefix completion)'),
     'sources': (1, 'with prefix_blocks: test images per label, the first of that class in the test set'),
     'indices': ('', "with prefix_blocks: test-set indices to complete instead, e.g. 0,7,42"),
-    'data_dir': ('data', 'where the test images for prefix_blocks are'),
+    'data_dir': ('', "where the test images for prefix_blocks are; '' = the training run's data_dir"),
 }
 CHOICES = {'weights': ('ema', 'model'), 'device': ('auto', 'cpu', 'cuda', 'mps')}
 
@@ -104,7 +104,8 @@ def main(argv=None):
         parse_ints('labels', args.labels, 0, config.n_classes - 1)
     prefix, nrow = None, args.n_per_class
     if K:  # the first `sources` test images of each class (or --indices), each completed n_per_class times
-        test_x, test_y = data.load_dataset(ckpt['args']['dataset'], args.data_dir, 'test')
+        test_x, test_y = data.load_dataset(ckpt['args']['dataset'], args.data_dir or ckpt['args']['data_dir'], 'test',
+                                           config.img_size, config.in_channels)
         picks = parse_ints('indices', args.indices, 0, len(test_x) - 1) if args.indices else \
             [i for y in classes for i in (test_y == y).nonzero()[:args.sources, 0].tolist()]
         labels = test_y[picks].repeat_interleave(args.n_per_class).to(dev)

@@ -1,7 +1,7 @@
 """
 Tests for data.py: MNIST and CIFAR-10 loading (the real MNIST when this checkout has it,
-else tiny fake files in the official formats), checksums, downloads, batches and image
-grids. Run with: python -m pytest -q test_data.py
+else tiny fake files in the official formats), image folders, checksums, downloads, batches
+and image grids. Run with: python -m pytest -q test_data.py
 
 None of them touches the network: an autouse fixture points every download URL at a
 file:// path that does not exist, and the download tests serve files from tmp_path.
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 from data import DataError
@@ -420,11 +421,109 @@ def test_unknown_dataset_and_split(tmp_path):
 
 
 def test_dataset_shapes(tmp_path, monkeypatch, fake_cifar):
-    assert data.DATASETS == ('mnist', 'cifar10', 'moving_mnist') == tuple(data.DATASET_SHAPES)
+    assert data.DATASETS == ('mnist', 'cifar10', 'moving_mnist', 'folder')
+    assert tuple(data.DATASET_SHAPES) == data.DATASETS[:3]  # a folder's shape comes from its images
     write_fake_mnist(tmp_path / 'mnist', monkeypatch)
     for name, data_dir in (('mnist', tmp_path / 'mnist'), ('cifar10', fake_cifar[0])):
         size, channels = data.DATASET_SHAPES[name]
         assert data.load_dataset(name, str(data_dir), 'test')[0].shape[1:] == (channels, size, size)
+
+
+# -----------------------------------------------------------------------------
+# your own images: data_dir/train/<class>/* (and test/<class>/*)
+
+def write_folder(root, classes, n=3, size=(8, 8), mode='L', ext='.png'):
+    """root/<class>/img<i><ext>: uniform images whose value encodes (class, i), so that every
+    pixel says where it came from. Returns {class: [values]}."""
+    values = {}
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        values[name] = [40 * c + 10 * i + 5 for i in range(n)]
+        for i, v in enumerate(values[name]):
+            Image.new(mode, size, v if mode == 'L' else (v, 255 - v, v // 2)).save(root / name / f'img{i}{ext}')
+    return values
+
+
+def test_folder_labels_are_the_sorted_class_names(tmp_path, capsys):
+    want = write_folder(tmp_path / 'train', ['cat', 'ant', 'bee'])
+    want_test = write_folder(tmp_path / 'test', ['bee', 'ant'], n=1)  # a test split may lack classes
+    images, labels = data.load_dataset('folder', str(tmp_path), 'train')
+    assert images.dtype == torch.uint8 and images.shape == (9, 1, 8, 8)  # gray PNGs: one channel
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]            # ant, bee, cat
+    assert images[:, 0, 0, 0].tolist() == want['ant'] + want['bee'] + want['cat']
+    assert (images == images[:, :, :1, :1]).all()                    # lossless PNGs, pixel for pixel
+    assert 'loaded folder train: 9 images 8x8x1' in capsys.readouterr().out
+    images, labels = data.load_dataset('folder', str(tmp_path), 'test')
+    assert labels.tolist() == [0, 1] and images[:, 0, 0, 0].tolist() == [want_test['ant'][0], want_test['bee'][0]]
+
+
+def test_folder_colour_and_channels(tmp_path):
+    write_folder(tmp_path / 'train', ['a'], mode='RGB')
+    write_folder(tmp_path / 'train', ['b'], mode='L')
+    (tmp_path / 'test').mkdir()                                      # all of train/ trains
+    images, _ = data.load_dataset('folder', str(tmp_path), 'train')
+    assert images.shape == (6, 3, 8, 8)                              # one colour image: all RGB
+    assert images[0, :, 0, 0].tolist() == [5, 250, 2]
+    assert images[3, :, 0, 0].tolist() == [5, 5, 5]                  # gray as RGB: three equal values
+    gray, _ = data.load_dataset('folder', str(tmp_path), 'train', channels=1)
+    assert gray.shape == (6, 1, 8, 8) and gray[3, 0, 0, 0] == 5
+    # ITU-R 601 luma, which Pillow's RGB -> L uses: L = (299 R + 587 G + 114 B) / 1000
+    assert abs(int(gray[0, 0, 0, 0]) - (299 * 5 + 587 * 250 + 114 * 2) / 1000) <= 1
+
+
+def test_folder_without_test_holds_out_a_seeded_share(tmp_path):
+    write_folder(tmp_path / 'train', ['a', 'b'], n=10)
+    (train, ty), (test, sy) = (data.load_dataset('folder', str(tmp_path), s) for s in ('train', 'test'))
+    assert len(test) == round(data.FOLDER_TEST_SHARE * 20) == 2 and len(train) == 18
+    seen = sorted(train[:, 0, 0, 0].tolist() + test[:, 0, 0, 0].tolist())
+    assert seen == sorted(v + 40 * c for c in range(2) for v in range(5, 100, 10))  # disjoint, all used
+    again, _ = data.load_dataset('folder', str(tmp_path), 'test')
+    assert torch.equal(again, test)                                  # the same share every time
+
+
+def test_folder_img_size_crops_the_centre_and_resizes(tmp_path):
+    write_folder(tmp_path / 'train', ['a', 'b'], n=1, size=(12, 8))  # landscape
+    img = Image.new('L', (12, 8), 0)
+    img.paste(200, (2, 0, 10, 8))                                    # the central 8x8 square is 200
+    img.save(tmp_path / 'train' / 'a' / 'img0.png')
+    (tmp_path / 'test').mkdir()                                      # all of train/ trains
+    images, _ = data.load_dataset('folder', str(tmp_path), 'train', img_size=8)
+    assert images.shape == (2, 1, 8, 8) and (images[0] == 200).all()  # the central square, exactly
+    images, _ = data.load_dataset('folder', str(tmp_path), 'train', img_size=4)
+    assert images.shape == (2, 1, 4, 4) and (images[1] == 45).all()   # resized: uniform stays uniform
+
+
+@pytest.mark.parametrize('case, message', [
+    ('no train', 'no class folders'),
+    ('empty train', 'no class folders'),
+    ('one class', 'one class folder (a)'),
+    ('empty class', 'no images'),
+    ('unreadable', 'cannot read'),
+    ('mixed sizes', '--img_size'),
+    ('not square', '--img_size'),
+    ('test class not in train', 'train/ lacks: c'),
+])
+def test_bad_folders_are_one_line_errors(tmp_path, case, message):
+    if case != 'no train':
+        (tmp_path / 'train').mkdir()
+    if case not in ('no train', 'empty train'):
+        write_folder(tmp_path / 'train', ['a'] if case == 'one class' else ['a', 'b'],
+                     size=(8, 6) if case == 'not square' else (8, 8))
+    if case == 'empty class':
+        (tmp_path / 'train' / 'c').mkdir()
+    if case == 'unreadable':
+        (tmp_path / 'train' / 'b' / 'notes.txt').write_text('not an image')
+    if case == 'mixed sizes':
+        Image.new('L', (9, 9)).save(tmp_path / 'train' / 'b' / 'big.png')
+    if case == 'test class not in train':
+        write_folder(tmp_path / 'test', ['a', 'c'], n=1)
+    before = sorted(tmp_path.rglob('*'))
+    with pytest.raises(DataError) as e:
+        data.load_dataset('folder', str(tmp_path), 'test' if case == 'test class not in train' else 'train')
+    assert message in str(e.value) and '\n' not in str(e.value)
+    if case == 'unreadable':
+        assert str(tmp_path / 'train' / 'b' / 'notes.txt') in str(e.value)   # the file is named
+    assert sorted(tmp_path.rglob('*')) == before                             # nothing written
 
 
 def test_moving_mnist_is_made_from_the_mnist_digits_halved(tmp_path, monkeypatch):

@@ -331,7 +331,7 @@ def test_prefix_completion_takes_the_runs_dataset(cifar_ckpt, tmp_path, monkeypa
     test_x, test_y = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(30) % 10
     asked = []
 
-    def fake_load_dataset(name, data_dir, split):
+    def fake_load_dataset(name, data_dir, split, img_size, channels):
         asked.append((name, data_dir, split))
         return test_x, test_y
     monkeypatch.setattr(data, 'load_dataset', fake_load_dataset)
@@ -825,3 +825,4 @@ def test_moving_mnist_trains_generates_past_its_length_and_is_judged(ckpt, tmp_p
     for bad in ('--n_frames=2', '--n_frames=-1'):  # the motion check needs two displacements
         refuses(evaluate.main, [f'--ckpt={video_ckpt}', f'--judge={judge_path}', bad], 'n_frames',
                 untouched=[tmp_path])
+

@@ -22,8 +22,10 @@ import torch
 import acdit
 import cli
 import data
+import generate
 import train
 from cli import ConfigError
+from test_data import cifar_batch, md5, write_fake_cifar, write_fake_mnist, write_folder
 
 REPO = Path(__file__).resolve().parent
 MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'  # the real dataset, when this checkout has it
@@ -92,10 +94,12 @@ def test_step_seed_differs_for_another_seed_or_rank():
 
 
 def largest_accepted(key, low, high):
-    """The largest value of option key in [low, high) that train.model_config accepts (low is)."""
+    """The largest value of option key in [low, high) that train.py's checks accept (low is)."""
     def ok(v):
         try:
-            train.model_config(SimpleNamespace(**dict(DEFAULTS, **{key: v})))
+            args = SimpleNamespace(**dict(DEFAULTS, **{key: v}))
+            train.check_args(args)
+            train.model_config(args)
             return True
         except ConfigError:
             return False
@@ -181,10 +185,10 @@ def cached_mnist(monkeypatch):
         pytest.skip(f'real MNIST not found in {MNIST_DIR}')
     real = data.load_dataset
 
-    def load(name, data_dir, split):
+    def load(name, data_dir, split, *shape):
         key = (name, str(data_dir), split)
         if key not in _mnist_cache:
-            _mnist_cache[key] = real(name, data_dir, split)
+            _mnist_cache[key] = real(name, data_dir, split, *shape)
         return _mnist_cache[key]
     monkeypatch.setattr(data, 'load_dataset', load)
 
@@ -315,6 +319,43 @@ def test_train_writes_checkpoint_samples_and_progress(tmp_path, capsys):
         assert 0 < float(loss) < 10 and 0 < float(lr) <= 1e-3 and int(img) > 0
     assert float(lines[0][3]) < float(lines[2][3]) == 1e-3  # warmup, then flat
     assert [p.name for p in out.iterdir() if p.name.startswith('.')] == []  # no temp files left
+
+
+@pytest.mark.parametrize('dataset, shape', [  # (img_size, channels, patch_size, block_h, block_w, n_classes)
+    ('mnist', (28, 1, 4, 1, 7, 10)), ('cifar10', (32, 3, 4, 1, 8, 10)),
+    ('moving_mnist', (32, 1, 8, 4, 4, 10)), ('folder', (16, 3, 2, 1, 8, 3))])
+def test_every_dataset_trains_from_its_name_alone(tmp_path, monkeypatch, capsys, dataset, shape):
+    """--dataset=NAME with no shape options: patches and blocks follow the data (files the test
+    makes). For a folder, generate.py then completes its test images from the run's data_dir."""
+    data_dir, out = tmp_path / 'data', tmp_path / 'out'
+    if dataset == 'cifar10':
+        rng = np.random.default_rng(0)
+        data_dir.mkdir()
+        write_fake_cifar(data_dir / data.CIFAR10_ARCHIVE, {f'data_batch_{i}': cifar_batch(rng, 2) for i in range(1, 6)}
+                         | {'test_batch': cifar_batch(rng, 2)})
+        monkeypatch.setitem(data.CHECKSUMS, data.CIFAR10_ARCHIVE, ('md5', md5(data_dir / data.CIFAR10_ARCHIVE)))
+    elif dataset == 'folder':
+        for split in ('train', 'test'):
+            write_folder(data_dir / split, ['x', 'y', 'z'], n=2, size=(16, 16), mode='RGB', ext='.jpg')
+    else:
+        write_fake_mnist(data_dir, monkeypatch)
+    code, _, err = run_main([f'--dataset={dataset}', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=1',
+                             '--depth=1', '--width=16', '--n_heads=2', '--batch_size=2', '--eval_iters=1',
+                             '--sample_steps=1', '--compile=False', '--device=cpu', '--dtype=float32'], capsys)
+    assert code == 0, err
+    config = cli.load_checkpoint(str(out / 'ckpt.pt'))['model_config']
+    got = tuple(config[k] for k in ('img_size', 'in_channels', 'patch_size', 'block_h', 'block_w', 'n_classes'))
+    assert got == shape and (out / 'samples_000001.png').exists()
+    if dataset == 'folder':
+        images, labels = generate.main([f'--ckpt={out / "ckpt.pt"}', '--prefix_blocks=2', '--steps=1',
+                                        '--n_per_class=1', '--device=cpu'])
+        assert images.shape == (3, 3, 16, 16) and labels.tolist() == [0, 1, 2]
+
+
+def test_img_size_and_channels_are_for_folders_only(tmp_path, capsys):
+    code, out, err = run_main(['--dataset=mnist', '--img_size=32', f'--out_dir={tmp_path / "out"}'], capsys)
+    assert_one_line_error(code, err, 'img_size')
+    assert out == '' and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.usefixtures('cached_mnist')

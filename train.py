@@ -1,11 +1,12 @@
 """
-Train an ACDiT model on MNIST or CIFAR-10 images, or Moving MNIST videos.
+Train an ACDiT model on MNIST, CIFAR-10 or your own images, or on Moving MNIST videos.
 
     python train.py                                  # MNIST with the defaults below
     python train.py --data_dir=path/to/mnist         # offline: the four MNIST files are there
     python train.py config/mnist_gpu.py              # a config file overrides the defaults
     python train.py config/cifar10.py --batch_size=64   # ...and --key=value overrides both
     python train.py config/moving_mnist.py           # videos: one block per frame
+    python train.py --dataset=folder --data_dir=pics # pics/train/<class>/*.jpg (and pics/test/...)
     torchrun --nproc_per_node=4 train.py config/cifar10.py   # one process per GPU
     python train.py --help                           # every option with its default
 """
@@ -36,12 +37,15 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
     'log_interval': (200, 'print the training loss every this many steps'),
     'sample_interval': (6000, 'save a grid of samples every this many steps'),
     # data
-    'dataset': ('mnist', "'mnist', 'cifar10' or 'moving_mnist' (videos: see config/moving_mnist.py)"),
-    'data_dir': ('data', 'where the dataset files are (downloaded there when missing)'),
-    # model shape
-    'patch_size': (4, 'each token is a patch_size x patch_size patch of pixels'),
-    'block_h': (1, 'a block (the unit of autoregression) is block_h x block_w patches: 1x7 patches'),
-    'block_w': (7, '...of 4x4 pixels is one row of a 28x28 MNIST image'),
+    'dataset': ('mnist', "'mnist', 'cifar10', 'moving_mnist' (videos) or 'folder' (data_dir/train/<class>/*)"),
+    'data_dir': ('data', 'where the dataset files are (MNIST and CIFAR-10 are downloaded there when missing)'),
+    'img_size': (0, 'folder: crop and resize every image to this square size (0: their common size)'),
+    'channels': (0, 'folder: 1 (gray) or 3 (RGB); 0: 1 if every image is gray, else 3'),
+    # model shape (0: follow the data)
+    'patch_size': (0, 'tokens are patch_size^2-pixel patches; 0: the smallest giving at most 64 tokens an '
+                      'image, 16 a video frame (4 for MNIST and CIFAR-10, 8 for Moving MNIST)'),
+    'block_h': (0, 'a block (the unit of autoregression) is block_h x block_w patches; 0: 1 (a video: the frame)'),
+    'block_w': (0, '0: the patch grid width, so a block is a row of patches (a video: the frame)'),
     'depth': (3, 'transformer layers (3 beat 4 in 20 CPU minutes: shallower, so more steps)'),
     'width': (128, 'model dimension'),
     'n_heads': (4, 'attention heads (width must be divisible by n_heads)'),
@@ -71,16 +75,20 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
     'compile': (True, 'torch.compile the training step: ~45 s to start, then ~1.2x faster on a 2-core CPU'),
     'attn_backend': ('auto', "'auto' (flex on CUDA, else sdpa), 'flex' (FlexAttention) or 'sdpa' (dense mask)"),
 }
-CHOICES = {'dataset': data.DATASETS, 'init_from': ('scratch', 'resume'), 'device': ('auto', 'cpu', 'cuda', 'mps'),
+CHOICES = {'dataset': data.DATASETS, 'channels': (0, 1, 3), 'init_from': ('scratch', 'resume'), 'device': ('auto', 'cpu', 'cuda', 'mps'),
            'dtype': ('float32', 'bfloat16'), 'attn_backend': ('auto', 'flex', 'sdpa'), 'sampler': tuple(acdit.SAMPLERS)}
 
 
-def model_config(args):
-    """The model this run describes, every number checked first: a bad one fails in the first
-    second, not later in the optimizer."""
+def check_args(args):
+    """Every number checked before anything is loaded: a bad one fails in the first second, not
+    later in the optimizer."""
     for key in ('max_iters', 'batch_size', 'eval_interval', 'eval_iters', 'log_interval', 'sample_interval',
-                'patch_size', 'block_h', 'block_w', 'depth', 'width', 'n_heads'):
+                'depth', 'width', 'n_heads'):
         cli.check(getattr(args, key) >= 1, f'{key}={getattr(args, key)} must be at least 1')
+    for key in ('patch_size', 'block_h', 'block_w', 'img_size'):
+        cli.check(getattr(args, key) >= 0, f'{key}={getattr(args, key)} must be at least 0 (0: from the data)')
+    cli.check(args.dataset == 'folder' or not (args.img_size or args.channels),
+              f'img_size and channels are for --dataset=folder; {args.dataset} has its own')
     cli.check(1 <= args.sample_steps <= 1000, f'sample_steps={args.sample_steps} must be in 1..1000')
     cli.check(0 <= args.seed < 2**63, f'seed={args.seed} must be in [0, 2**63)')
     for key, ok in (('learning_rate', args.learning_rate > 0), ('time_budget', args.time_budget >= 0),
@@ -90,13 +98,24 @@ def model_config(args):
                     ('label_dropout', 0 <= args.label_dropout < 1), ('min_snr_gamma', args.min_snr_gamma >= 0),
                     ('rope_base', args.rope_base > 1), ('cfg_scale', math.isfinite(args.cfg_scale))):
         cli.check(ok and math.isfinite(getattr(args, key)), f'{key}={getattr(args, key)} is out of range')
-    img_size, channels = data.DATASET_SHAPES[args.dataset]
+
+
+def model_config(args, img_size=None, channels=None, n_classes=10):
+    """The model this run describes, for images (or video frames) of img_size x img_size x channels
+    (None: the dataset's known shape; a folder's comes from its images).
+    A shape option left at 0 follows the data: the smallest patch giving at most 64 tokens an image
+    (16 a video frame, as frames add up), and a block a row of patches (a video's: a frame)."""
+    img_size, channels = (img_size, channels) if img_size else data.DATASET_SHAPES[args.dataset]
+    n_frames = data.VIDEO_FRAMES.get(args.dataset, 1)
+    max_tokens = 64 if n_frames == 1 else 16
+    patch = args.patch_size or next(p for p in range(1, img_size + 1) if img_size % p == 0 and (img_size // p) ** 2 <= max_tokens)
+    grid = img_size // patch
     try:
         return acdit.ACDiTConfig(
-            img_size=img_size, in_channels=channels, n_frames=data.VIDEO_FRAMES.get(args.dataset, 1),
-            patch_size=args.patch_size, block_h=args.block_h, block_w=args.block_w, depth=args.depth,
-            width=args.width, n_heads=args.n_heads, rope_base=args.rope_base, label_dropout=args.label_dropout,
-            min_snr_gamma=args.min_snr_gamma, attn_backend=args.attn_backend)
+            img_size=img_size, in_channels=channels, n_frames=n_frames, patch_size=patch,
+            block_h=args.block_h or (1 if n_frames == 1 else grid), block_w=args.block_w or grid,
+            depth=args.depth, width=args.width, n_heads=args.n_heads, n_classes=n_classes, rope_base=args.rope_base,
+            label_dropout=args.label_dropout, min_snr_gamma=args.min_snr_gamma, attn_backend=args.attn_backend)
     except AssertionError as e:  # the model's invariants, said in the terms of these options
         raise ConfigError(f'{args.dataset} ({img_size}x{img_size}): {e}') from None
 
@@ -161,10 +180,10 @@ def estimate_loss(models, images, labels, eval_iters, ctx, get_batch):
 
 
 def sample_grid(model, path, args, dev):
-    """Samples with a fixed seed (comparable across evals): a row of 10 per class, or for video
-    one video per class, a row of its frames."""
+    """Samples with a fixed seed (comparable across evals): a row of 10 per class (the first 10
+    classes), or for video one video per class, a row of its frames."""
     video = model.config.n_frames > 1
-    labels = torch.arange(10, device=dev).repeat_interleave(1 if video else 10)
+    labels = torch.arange(min(10, model.config.n_classes), device=dev).repeat_interleave(1 if video else 10)
     imgs = acdit.sample(model, labels, cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.sample_steps,
                         generator=torch.Generator(device=dev).manual_seed(0))
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
@@ -335,7 +354,8 @@ def main(argv=None):
     args = cli.parse_args(argv, __doc__, OPTIONS, CHOICES, exclusive=[('max_iters', 'time_budget')])
     if args is None:
         return  # --help was printed
-    config = model_config(args)
+    check_args(args)
+    config = model_config(args) if args.dataset != 'folder' else None  # a folder's shape: once it is read
     ddp, rank, world, dev = setup_processes(args)  # before touching the disk: a bad --device changes nothing
     cli.check(args.attn_backend != 'flex' or dev.type == 'cuda', f"attn_backend='flex' cannot train on {dev.type}"
               f" (FlexAttention has no backward there): use --attn_backend=sdpa or auto")
@@ -347,8 +367,10 @@ def main(argv=None):
     ctx = cli.autocast_context(dev, args.dtype)
     log(f'device: {dev}{f" x{world} processes" if ddp else ""}, dtype: {"bfloat16 autocast" if isinstance(ctx, torch.autocast) else "float32"}')
     # the whole dataset lives on the device as uint8: a batch is an index, no DataLoader
-    (train_x, train_y), (test_x, test_y) = ((t.to(dev) for t in data.load_dataset(args.dataset, args.data_dir, split))
-                                            for split in ('train', 'test'))
+    train_x, train_y = data.load_dataset(args.dataset, args.data_dir, 'train', args.img_size, args.channels)
+    config = config or model_config(args, train_x.shape[-1], train_x.shape[1], int(train_y.max()) + 1)
+    test_x, test_y = data.load_dataset(args.dataset, args.data_dir, 'test', config.img_size, config.in_channels)
+    train_x, train_y, test_x, test_y = (t.to(dev) for t in (train_x, train_y, test_x, test_y))
     get_batch = data.moving_mnist_batch if args.dataset in data.VIDEO_FRAMES else \
         functools.partial(data.get_batch, hflip=args.dataset == 'cifar10')  # mirror photos, not digits
     batch_gen = torch.Generator()

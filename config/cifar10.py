@@ -1,4 +1,4 @@
-# CIFAR-10 on one GPU (a starting point, not a tuned recipe):
+# CIFAR-10 on one GPU: a starting point, NOT YET RUN (no GPU has been at hand; untuned):
 #   python train.py config/cifar10.py
 # 2x2-pixel patches make a 16x16 grid of tokens; a block is one row of 16 patches,
 # so an image is generated as 16 blocks, top to bottom.

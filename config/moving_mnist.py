@@ -4,9 +4,8 @@
 dataset = 'moving_mnist'
 out_dir = 'out-moving-mnist'
 
-patch_size = 8    # 4x4 patches of 8x8 pixels a frame: 16 tokens, so 8 frames train as 240 tokens
-block_h = 4       # a block is a whole frame (video needs that): RoPE's 3 axes are frame, row, column
-block_w = 4
+# train.py's shape defaults for video: 4x4 patches of 8x8 pixels a frame (16 tokens, so 8 frames
+# train as 240 tokens), a block a whole frame; RoPE's 3 axes are frame, row, column
 
 time_budget = 25.0  # minutes from launch to exit (sets max_iters from the warm step time)
 eval_interval = 1000
