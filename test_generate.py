@@ -826,3 +826,27 @@ def test_moving_mnist_trains_generates_past_its_length_and_is_judged(ckpt, tmp_p
         refuses(evaluate.main, [f'--ckpt={video_ckpt}', f'--judge={judge_path}', bad], 'n_frames',
                 untouched=[tmp_path])
 
+
+# -----------------------------------------------------------------------------
+# the weights that ship in weights/: generate.py draws from them right after git clone
+
+SHIPPED = sorted((REPO / 'weights').glob('*.pt'))
+
+
+def test_the_mnist_weights_ship():
+    assert REPO / 'weights' / 'mnist.pt' in SHIPPED   # the README's quick start opens with it
+
+
+@pytest.mark.parametrize('path', SHIPPED, ids=lambda p: p.name)
+def test_shipped_weights_are_small_fp16_and_draw_their_classes(path, tmp_path):
+    assert path.stat().st_size <= 4 * 2**20
+    ckpt = cli.load_checkpoint(str(path))
+    assert ckpt['ema'] and all(v.dtype == torch.float16 for v in ckpt['ema'].values())
+    assert 'model' not in ckpt and 'optimizer' not in ckpt      # sampling weights only
+    out = tmp_path / 'samples.png'
+    images, labels = generate.main([f'--ckpt={path}', '--n_per_class=2', '--sampler=dpm++', '--steps=10',
+                                    '--device=cpu', f'--out={out}'])
+    n_classes = ckpt['model_config']['n_classes']
+    assert labels.tolist() == [c for c in range(n_classes) for _ in range(2)] and out.exists()
+    if ckpt['args']['dataset'] == 'mnist':  # digits: white strokes on a mostly black ground (noise: about half)
+        assert ((images < 64).float().mean(dim=(1, 2, 3)) > 0.6).all()

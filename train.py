@@ -89,6 +89,9 @@ def check_args(args):
         cli.check(getattr(args, key) >= 0, f'{key}={getattr(args, key)} must be at least 0 (0: from the data)')
     cli.check(args.dataset == 'folder' or not (args.img_size or args.channels),
               f'img_size and channels are for --dataset=folder; {args.dataset} has its own')
+    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
+    cli.check(args.init_from == 'resume' or not os.path.exists(ckpt_path), f'{ckpt_path} exists and a new run '
+              f'would overwrite it: continue it with --init_from=resume, use another --out_dir, or delete it')
     cli.check(1 <= args.sample_steps <= 1000, f'sample_steps={args.sample_steps} must be in 1..1000')
     cli.check(0 <= args.seed < 2**63, f'seed={args.seed} must be in [0, 2**63)')
     for key, ok in (('learning_rate', args.learning_rate > 0), ('time_budget', args.time_budget >= 0),
@@ -360,8 +363,6 @@ def main(argv=None):
     cli.check(args.attn_backend != 'flex' or dev.type == 'cuda', f"attn_backend='flex' cannot train on {dev.type}"
               f" (FlexAttention has no backward there): use --attn_backend=sdpa or auto")
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
-    cli.check(args.init_from == 'resume' or not os.path.exists(ckpt_path), f'{ckpt_path} exists and a new run '
-              f'would overwrite it: continue it with --init_from=resume, use another --out_dir, or delete it')
     master = rank == 0  # only rank 0 prints and writes files
     log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     ctx = cli.autocast_context(dev, args.dtype)
