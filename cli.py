@@ -155,6 +155,8 @@ def load_checkpoint(path, device='cpu'):
 def load_model(path, weights='ema', device='cpu'):
     """(the ACDiT of a train.py checkpoint with its 'ema' or 'model' weights, the checkpoint)."""
     ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and 'config' in ckpt and 'args' not in ckpt:  # train.py before 3eb02f4
+        ckpt['args'] = ckpt.pop('config')
     check(isinstance(ckpt, dict) and {'model_config', 'args', weights} <= set(ckpt) and isinstance(ckpt['args'], dict)
           and {'dataset', 'cfg_scale', 'sampler', 'sample_steps'} <= set(ckpt['args']),
           f"{path} is not a train.py checkpoint with {weights!r} weights")

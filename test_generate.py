@@ -850,3 +850,12 @@ def test_shipped_weights_are_small_fp16_and_draw_their_classes(path, tmp_path):
     assert labels.tolist() == [c for c in range(n_classes) for _ in range(2)] and out.exists()
     if ckpt['args']['dataset'] == 'mnist':  # digits: white strokes on a mostly black ground (noise: about half)
         assert ((images < 64).float().mean(dim=(1, 2, 3)) > 0.6).all()
+
+
+def test_a_checkpoint_from_before_the_args_key_still_loads(ckpt, tmp_path):
+    """train.py before 3eb02f4 saved the run's options as 'config': load_model reads them as 'args'."""
+    old = cli.load_checkpoint(str(ckpt))
+    old['config'] = old.pop('args')
+    torch.save(old, tmp_path / 'old.pt')
+    model, loaded = cli.load_model(str(tmp_path / 'old.pt'))
+    assert loaded['args'] == cli.load_checkpoint(str(ckpt))['args'] and model.config.depth == 1
