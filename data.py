@@ -192,13 +192,17 @@ def _load_cifar10(data_dir, split):
     return np.concatenate(images), np.concatenate(labels)
 
 
+def _class_folders(root):
+    """The sorted names of root's subfolders (hidden ones skipped): the classes of a folder dataset."""
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith('.'))
+
 
 def _decode_folder(root, classes, img_size, channels, every_class):
     """Every image in root/<class>/ for the given classes, decoded: uint8 (N, C, S, S), int64 (N,),
     labels the classes' places in `classes` (every_class: each has a non-empty folder). img_size > 0
     crops each to its central square and resizes it to that; channels 0: 1 if every image is gray, else 3."""
     from PIL import Image, ImageOps
-    extra = sorted(set(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) - set(classes))
+    extra = sorted(set(_class_folders(root)) - set(classes))
     if extra:
         raise DataError(f"{root} has class folders that train/ lacks: {', '.join(extra)}")
     files = []
@@ -218,7 +222,7 @@ def _decode_folder(root, classes, img_size, channels, every_class):
         except Exception as e:  # Pillow raises many kinds: not an image, truncated, unsupported
             raise DataError(f"cannot read {path} as an image ({type(e).__name__}: {e})") from None
 
-    print(f'reading {len(files)} images in {root} ...', flush=True)  # 60,000 take about 10 s
+    print(f'reading {len(files)} images in {root} ...', flush=True)  # tens of seconds for 60,000
     headers = [read(path, lambda img: (img.size, img.mode)) for path, _ in files]  # no pixels decoded yet
     channels = channels or (1 if all(mode in ('1', 'L', 'I', 'I;16', 'F') for _, mode in headers) else 3)
     if not img_size:  # one common square size, or the user says which
@@ -242,8 +246,7 @@ def _load_folder(data_dir, split, img_size=0, channels=0):
     Labels are the sorted class folder names of train/; any file Pillow reads is an image.
     Decoded on every call (nothing cached that could go stale)."""
     train = os.path.join(data_dir, 'train')
-    classes = sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))
-                     and not d.startswith('.')) if os.path.isdir(train) else []
+    classes = _class_folders(train) if os.path.isdir(train) else []
     if len(classes) < 2:
         raise DataError(f"{train}: {'one class folder (' + classes[0] + ')' if classes else 'no class folders'}; "
                         f"expected {os.path.join(train, '<class>', '<image>')} for at least two classes")

@@ -447,6 +447,8 @@ def write_folder(root, classes, n=3, size=(8, 8), mode='L', ext='.png'):
 def test_folder_labels_are_the_sorted_class_names(tmp_path, capsys):
     want = write_folder(tmp_path / 'train', ['cat', 'ant', 'bee'])
     want_test = write_folder(tmp_path / 'test', ['bee', 'ant'], n=1)  # a test split may lack classes
+    (tmp_path / 'train' / '.cache').mkdir()
+    (tmp_path / 'test' / '.cache').mkdir()                          # hidden folders are no classes
     images, labels = data.load_dataset('folder', str(tmp_path), 'train')
     assert images.dtype == torch.uint8 and images.shape == (9, 1, 8, 8)  # gray PNGs: one channel
     assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]            # ant, bee, cat
