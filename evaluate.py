@@ -1,35 +1,41 @@
 """
-Judge MNIST samples with an independent classifier: class accuracy and FID, beside the
-same judge's numbers for real test images (the best any model can score).
+Judge samples with an independent classifier: class accuracy and FID, beside the same
+judge's numbers for real test images (the best any model can score).
 
-    python evaluate.py --ckpt=out/ckpt.pt --data_dir=path/to/mnist      # 1000 samples
-    python evaluate.py --npz=out/samples.npz --data_dir=path/to/mnist   # images from generate.py
+    python evaluate.py --ckpt=out/ckpt.pt                # 1000 samples, judged on the run's dataset
+    python evaluate.py --npz=out/samples.npz             # images from generate.py
     python evaluate.py --ckpt=out-moving-mnist/ckpt.pt --n_frames=24     # videos, past their length
+    python evaluate.py --ckpt=out-cifar10/ckpt.pt --cfg_scale=3          # colour images: their own judge
 
-A small CNN (nothing to do with ACDiT) is trained once on the MNIST training set and
-cached as judge.pt (about a minute on 2 CPU cores). The checkpoint then samples
-n_per_class images of every class with the settings its run sampled with, and we report
+A small CNN (nothing to do with ACDiT) is trained once on the run's training images and
+cached: judge.pt for MNIST (one epoch, about a minute on 2 CPU cores), judge_<dataset>.pt
+for colour images (8 epochs, mirrored and shifted; tens of minutes on 2 CPU cores). The
+checkpoint then samples n_per_class images of every class with the settings its run
+sampled with, and we report
   - accuracy: how often the judge reads the class that was asked for;
   - FID: the Frechet distance between the judge's penultimate features of the samples
-    and of the MNIST test set (lower is better; biased upward for few samples, so
+    and of the test set (lower is better; biased upward for few samples, so
     compare numbers made with the same number of samples only).
 For a Moving MNIST checkpoint every frame is judged (the digit cut out around its center
 of mass), beside real Moving MNIST videos made from the test digits, and the digit's
 motion is measured: speed and spread of its frame-to-frame displacement.
 """
 
+import os
+
 import numpy as np
 import torch
 
 import cli
 import data
-from judge import frame_digits, get_judge, judge_images, misreadings, motion, sample_images
+from judge import DIGITS, frame_digits, get_judge, judge_images, misreadings, motion, sample_images
 
 OPTIONS = {
     'ckpt': ('out/ckpt.pt', 'checkpoint written by train.py'),
     'npz': ('', 'if set, judge these images (generate.py --npz) instead of sampling from ckpt'),
-    'data_dir': ('data', 'where the MNIST files are (the judge trains on them, FID compares with them)'),
-    'judge': ('judge.pt', "the judge's weights: trained and saved here on first use, then reused"),
+    'data_dir': ('', "the dataset (the judge trains on it, FID compares with it); '' = the run's data_dir"),
+    'judge': ('auto', "the judge's weights, trained and saved on first use, then reused; 'auto' = judge.pt "
+                      "for MNIST, judge_<dataset or folder name>.pt else"),
     'n_per_class': (100, 'samples per class (1000 in all: FID needs a few hundred)'),
     'cfg_scale': ('auto', "classifier-free guidance; 'auto' = what the run drew its grids with"),
     'sampler': ('auto', "'ddpm', 'ddim' or 'dpm++'; 'auto' as above"),
@@ -43,20 +49,25 @@ CHOICES = {'weights': ('ema', 'model'), 'device': ('auto', 'cpu', 'cuda', 'mps')
 
 
 def read_npz(path):
-    """uint8 images (N, C, H, W) or videos (N, T, C, H, W) and labels from generate.py --npz."""
+    """uint8 images (N, C, H, W) or videos (N, T, C, H, W), labels, and the run's dataset, data_dir
+    and n_classes (files from before generate.py saved them: MNIST) from generate.py --npz."""
     try:
         with np.load(path) as f:
             images, labels = torch.from_numpy(f['images']), torch.from_numpy(f['labels']).long()
+            run = {k: f[k].item() if k in f else '' for k in ('dataset', 'data_dir', 'n_classes')}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise cli.ConfigError(f'{path} is not an NPZ of images and labels as generate.py --npz writes '
                               f'({type(e).__name__}: {e})') from None
-    cli.check(images.dtype == torch.uint8 and (tuple(images.shape[1:]) == (28, 28, 1) or (
-              images.ndim == 5 and images.shape[1] >= 3 and tuple(images.shape[2:]) == (32, 32, 1))),
-              f'{path}: the judge knows MNIST only, uint8 images (N, 28, 28, 1) or Moving MNIST videos '
-              f'(N, T >= 3, 32, 32, 1); got {images.dtype} {tuple(images.shape)}')
-    cli.check(labels.shape == (len(images),) and bool(((labels >= 0) & (labels < 10)).all()),
-              f'{path}: expected one label in 0..9 per image')
-    return images.movedim(-1, -3), labels
+    run['dataset'] = run['dataset'] or ('moving_mnist' if images.ndim == 5 else 'mnist')
+    run['n_classes'] = run['n_classes'] or 10
+    size, channels = data.DATASET_SHAPES.get(run['dataset'], (images.shape[-2], images.shape[-1]))
+    cli.check(images.dtype == torch.uint8 and images.ndim in (4, 5) and images.shape[-3:] == (size, size, channels)
+              and channels in (1, 3) and (images.ndim == 4 or images.shape[1] >= 3),
+              f"{path}: expected {run['dataset']}'s uint8 images (N, {size}, {size}, {channels}) or videos "
+              f"(N, T >= 3, {size}, {size}, {channels}); got {images.dtype} {tuple(images.shape)}")
+    cli.check(labels.shape == (len(images),) and bool(((labels >= 0) & (labels < run['n_classes'])).all()),
+              f"{path}: expected one label in 0..{run['n_classes'] - 1} per image")
+    return images.movedim(-1, -3), labels, run
 
 
 def main(argv=None):
@@ -66,27 +77,31 @@ def main(argv=None):
     cli.check(args.n_per_class >= 1, f'n_per_class={args.n_per_class} must be at least 1')
     cli.check(0 <= args.seed < 2**62, f'seed={args.seed} must be in [0, 2**62)')
     if args.npz:
-        images, labels = read_npz(args.npz)
+        images, labels, run = read_npz(args.npz)
         what = f"{args.npz}: {len(images)} {'videos' if images.ndim == 5 else 'images'}"
+        channels, size = images.shape[-3], images.shape[-1]
     else:
         dev = cli.pick_device(args.device)
         model, ckpt = cli.load_model(args.ckpt, args.weights, dev)
-        video = model.config.n_frames > 1
-        cli.check(ckpt['args']['dataset'] in ('mnist', 'moving_mnist'),
-                  f"the judge knows MNIST only; this checkpoint trained on {ckpt['args']['dataset']}")
+        run, video = dict(ckpt['args'], n_classes=model.config.n_classes), model.config.n_frames > 1
+        channels, size = model.config.in_channels, model.config.img_size
         cli.check(args.n_frames == 0 or video, f'n_frames={args.n_frames}: only for video models')
         cli.check(args.n_frames == 0 or args.n_frames >= 3, f'n_frames={args.n_frames}: at least 3 (the motion '
                                                             f'check needs two displacements)')
         cfg_scale, steps, sampler = cli.sampling_settings(args, ckpt)
-    judge = get_judge(args.data_dir, args.judge)  # before sampling: a bad --data_dir fails at once
-    test_x, test_y = data.load_dataset('mnist', args.data_dir, 'test')
+    dataset, data_dir, n_classes = run['dataset'], args.data_dir or run['data_dir'] or 'data', run['n_classes']
+    digits = dataset in DIGITS  # the MNIST judge reads them
+    name = os.path.basename(os.path.abspath(data_dir)) if dataset == 'folder' else dataset
+    path = args.judge if args.judge != 'auto' else 'judge.pt' if digits else f'judge_{name}.pt'
+    judge = get_judge(data_dir, path, dataset, size, channels, n_classes)  # before sampling: a bad data_dir fails now
+    test_x, test_y = data.load_dataset('mnist' if digits else dataset, data_dir, 'test', size, channels)
     if not args.npz:
         images, labels, seconds = sample_images(model, args.n_per_class, cfg_scale, steps, sampler, args.seed,
                                                 n_frames=args.n_frames or None)
         what = (f"{args.ckpt} (iter {ckpt['iter_num']}, {args.weights}): {len(images)} samples, {sampler} "
                 f'{steps} steps/block, CFG {cfg_scale} (sampling {seconds:.0f}s)')
     # the ceiling: as many real test images, the first of each class in the same proportions
-    picks = torch.cat([(test_y == y).nonzero()[:int((labels == y).sum()), 0] for y in range(10)])
+    picks = torch.cat([(test_y == y).nonzero()[:int((labels == y).sum()), 0] for y in range(n_classes)])
     if images.ndim == 5:
         return judge_videos(judge, images, labels, test_x, test_y, picks, what)
     acc, fid, confusion = judge_images(judge, images, labels, test_x)

@@ -37,7 +37,7 @@ OPTIONS = {
     'seed': (0, 'seeds the noise: the same seed gives the same images, cached or not'),
     'device': ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'"),
     'use_cache': (True, "keep finished blocks' keys/values in a KV cache; False rebuilds it every step"),
-    'npz': ('', 'if set, also save images (N, [T,] H, W, C) uint8 and labels (N,) here with np.savez'),
+    'npz': ('', 'if set, also save images (N, [T,] H, W, C) uint8 and labels (N,) here (np.savez), for evaluate.py'),
     'gif': ('', 'if set, also save an animated GIF: the generation block by block (for video: the videos)'),
     'n_frames': (0, 'video models: frames to generate (0 = the trained length; more slides the cache window)'),
     'prefix_blocks': (0, 'K > 0: give the first K blocks of test images, generate the rest (prefix completion)'),
@@ -152,7 +152,8 @@ def main(argv=None):
     print(f'wrote {out}')
     if args.npz:
         with open(args.npz, 'wb') as f:  # a file object, so np.savez keeps the name as given
-            np.savez(f, images=images.movedim(-3, -1).numpy(), labels=labels.cpu().numpy())
+            np.savez(f, images=images.movedim(-3, -1).numpy(), labels=labels.cpu().numpy(), n_classes=config.n_classes,
+                     dataset=ckpt['args']['dataset'], data_dir=ckpt['args']['data_dir'])  # for evaluate.py
         print(f'wrote {args.npz}')
     if args.gif and video:  # the videos play side by side: a row per label
         frames = [data.grid_array(images[:, t], args.n_per_class) for t in range(images.shape[1])]

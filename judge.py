@@ -1,8 +1,9 @@
 """
-The judge: a small CNN, independent of ACDiT, that reads MNIST digits. It gives a model's
-samples a class accuracy (how often it reads the class that was asked for) and an FID in
-its own penultimate features (lower is better). evaluate.py and tradeoff.py use it. For
-Moving MNIST it reads every frame's digit, and `motion` measures how the digit moves.
+The judge: a small CNN, independent of ACDiT, that reads the class of an image. It gives a
+model's samples a class accuracy (how often it reads the class that was asked for) and an FID
+in its own penultimate features (lower is better). evaluate.py and tradeoff.py use it. MNIST
+has its own judge; colour images (CIFAR-10, your own folders) another. For Moving MNIST it
+reads every frame's digit, and `motion` measures how the digit moves.
 """
 
 import os
@@ -18,7 +19,7 @@ import data
 
 
 class Judge(nn.Module):
-    """Two conv layers and two linears: about 98% test accuracy after one epoch."""
+    """The MNIST judge: two conv layers and two linears, about 98% test accuracy after one epoch."""
 
     def __init__(self):
         super().__init__()
@@ -36,24 +37,86 @@ class Judge(nn.Module):
         return self.fc2(self.features(x))
 
 
-def get_judge(data_dir, path='judge.pt'):
-    """The judge, trained on first use (seeded, one epoch) and cached at path. Multithreaded
-    CPU kernels make a retrained judge differ slightly: keep judge.pt to compare numbers."""
+class PhotoJudge(nn.Module):
+    """For colour images (CIFAR-10, a folder of your own): three stages of two 3x3 convolutions
+    with batch norm, the size halved after each, then global average pooling and two linears."""
+
+    def __init__(self, channels=3, n_classes=10, width=16):
+        super().__init__()
+        layers, c_in = [], channels
+        for c in (width, 2 * width, 4 * width):
+            for _ in range(2):
+                layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+                c_in = c
+            layers.append(nn.MaxPool2d(2))
+        self.body = nn.Sequential(*layers)
+        self.fc1 = nn.Linear(c_in, 128)
+        self.fc2 = nn.Linear(128, n_classes)
+
+    def features(self, x):                                        # (B, C, H, W) in [-1, 1]
+        return F.relu(self.fc1(self.body(x).mean((2, 3))))         # (B, 128)
+
+    def forward(self, x):
+        return self.fc2(self.features(x))
+
+
+PHOTO_EPOCHS = 8  # the photo judge's training: it then reads CIFAR-10's test set (JPEG copy) 0.79
+DIGITS = ('mnist', 'moving_mnist')  # the datasets the MNIST judge reads (Moving MNIST: frame by frame)
+
+
+def get_judge(data_dir, path='judge.pt', dataset='mnist', img_size=28, channels=1, n_classes=10):
+    """The judge for a dataset's images (img_size x img_size, channels, n_classes), trained on
+    first use (seeded) and cached at path. Multithreaded CPU kernels make a retrained judge
+    differ slightly: keep the file to compare numbers."""
     torch.manual_seed(0)  # the initial weights too: every fresh judge starts the same
-    judge = Judge()
+    digits = dataset in DIGITS
+    judge = Judge() if digits else PhotoJudge(channels, n_classes)
+    # a photo judge's file says what it read, so that it never judges other images
+    trained_on = 'MNIST' if digits else f'{dataset} in {os.path.abspath(data_dir)}, {img_size}x{img_size}x{channels}'
     if os.path.exists(path):
-        judge.load_state_dict(cli.load_checkpoint(path))
+        saved = cli.load_checkpoint(path)
+        saved = saved if 'trained_on' in saved else {'trained_on': 'MNIST', 'weights': saved}
+        cli.check(saved['trained_on'] == trained_on, f"{path} is a judge for {saved['trained_on']}, not for "
+                                                     f"{trained_on}: pass --judge=another file (one is trained there)")
+        judge.load_state_dict(saved['weights'])
         return judge.eval()
     print(f'training the judge classifier (once; cached as {path})', flush=True)
-    x, y = data.load_dataset('mnist', data_dir, 'train')
+    x, y = data.load_dataset('mnist' if digits else dataset, data_dir, 'train', img_size, channels)
+    (train_mnist_judge if digits else train_photo_judge)(judge, x, y)
+    cli.save_checkpoint(path, judge.state_dict() if digits else {'trained_on': trained_on, 'weights': judge.state_dict()})
+    return judge.eval()
+
+
+def train_mnist_judge(judge, x, y):
+    """One epoch of Adam, batches of 128."""
     opt = torch.optim.Adam(judge.parameters(), lr=1e-3)
     for idx in torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).split(128):
         loss = F.cross_entropy(judge(data.to_float(x[idx])), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-    cli.save_checkpoint(path, judge.state_dict())
-    return judge.eval()
+
+
+def train_photo_judge(judge, x, y, batch=128):
+    """PHOTO_EPOCHS of AdamW on a one-cycle learning rate; each batch mirrored in half its
+    images and shifted by up to 2 pixels, so the judge reads objects, not their exact pixels."""
+    gen, steps_per_epoch = torch.Generator().manual_seed(0), max(1, len(x) // batch)
+    opt = torch.optim.AdamW(judge.parameters(), lr=4e-3, weight_decay=5e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=4e-3, total_steps=PHOTO_EPOCHS * steps_per_epoch)
+    judge.train()
+    t0 = time.perf_counter()
+    for epoch in range(PHOTO_EPOCHS):
+        for _ in range(steps_per_epoch):
+            xb, yb = data.get_batch(x, y, batch, gen, hflip=True)
+            dy, dx = torch.randint(-2, 3, (2,), generator=gen).tolist()
+            xb = torch.roll(F.pad(xb, (2, 2, 2, 2)), (dy, dx), (2, 3))[..., 2:-2, 2:-2]
+            loss = F.cross_entropy(judge(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            schedule.step()
+        print(f'  judge epoch {epoch + 1}/{PHOTO_EPOCHS}: loss {loss.item():.3f} '
+              f'({time.perf_counter() - t0:.0f}s)', flush=True)
 
 
 def frechet_distance(f1, f2):
@@ -69,11 +132,12 @@ def frechet_distance(f1, f2):
 
 @torch.no_grad()
 def judge_images(judge, images, labels, test_x):
-    """uint8 images (n, 1, 28, 28) asked for as labels (n,) -> (accuracy, FID against test_x,
+    """uint8 images (n, C, H, W) asked for as labels (n,) -> (accuracy, FID against test_x,
     confusion), confusion[i, j] counting images of class i that the judge read as j."""
     x = data.to_float(images)
-    read = judge(x).argmax(1)
-    confusion = torch.zeros(10, 10, dtype=torch.long).index_put_((labels, read), torch.ones_like(read),
+    logits = judge(x)
+    read, n = logits.argmax(1), logits.shape[1]
+    confusion = torch.zeros(n, n, dtype=torch.long).index_put_((labels, read), torch.ones_like(read),
                                                                  accumulate=True)
     fid = frechet_distance(judge.features(x), judge.features(data.to_float(test_x)))
     return confusion.trace().item() / len(labels), fid, confusion
@@ -84,7 +148,7 @@ def sample_images(model, n_per_class, cfg_scale, steps, sampler, seed=0, batch=2
     """n_per_class uint8 samples of each class (as saved to a PNG; videos for a video model, of
     n_frames frames if given), their labels, and the seconds."""
     dev = next(model.parameters()).device
-    labels = torch.arange(10).repeat_interleave(n_per_class)
+    labels = torch.arange(model.config.n_classes).repeat_interleave(n_per_class)
     t0 = time.perf_counter()
     imgs = torch.cat([acdit.sample(model, labels[i:i + batch].to(dev), cfg_scale=cfg_scale, sampler=sampler,
                                    steps=steps, generator=torch.Generator(dev).manual_seed(seed + i),
@@ -98,7 +162,8 @@ def misreadings(confusion, top=4):
     off = confusion.clone().fill_diagonal_(0)
     counts, flat = off.flatten().sort(descending=True, stable=True)  # ties: lower classes first
     per_class = confusion.sum(1)
-    return ', '.join(f'{i // 10} read as {i % 10}: {c}/{per_class[i // 10]}'
+    n = len(confusion)
+    return ', '.join(f'{i // n} read as {i % n}: {c}/{per_class[i // n]}'
                      for c, i in zip(counts[:top].tolist(), flat[:top].tolist()) if c > 0) or 'none'
 
 

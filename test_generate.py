@@ -623,12 +623,31 @@ def test_evaluate_rejects_bad_options_before_any_work(ckpt, tmp_path, monkeypatc
             name, untouched=[tmp_path])
 
 
-def test_the_judge_refuses_a_checkpoint_of_another_dataset(cifar_ckpt, tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, 'get_judge', no_work)
-    monkeypatch.setattr(evaluate, 'sample_images', no_work)
-    monkeypatch.setattr(data, 'load_dataset', no_work)
-    refuses(evaluate.main, [f'--ckpt={cifar_ckpt}', f'--judge={tmp_path / "judge.pt"}'], 'cifar10',
-            untouched=[tmp_path])
+def test_evaluate_judges_colour_images_with_a_judge_trained_on_their_folder(cifar_ckpt, ckpt, tmp_path, monkeypatch,
+                                                                          capsys):
+    """A folder run's checkpoint is judged by a photo judge trained once on the folder's training
+    images and cached (judge_<folder>.pt), beside the real test images; a judge file made for
+    other images is refused in one line."""
+    from test_data import write_folder
+    pics = tmp_path / 'pics'
+    write_folder(pics / 'train', ['ant', 'bee', 'cat'], n=4, size=(32, 32), mode='RGB')
+    write_folder(pics / 'test', ['ant', 'bee', 'cat'], n=2, size=(32, 32), mode='RGB')
+    run = dict(TRAIN_DEFAULTS, **dict(TINY, dataset='folder', data_dir=str(pics), patch_size=8))
+    folder_ckpt = write_checkpoint(tmp_path / 'run' / 'ckpt.pt', run, dataclasses.replace(CIFAR_MODEL, n_classes=3))
+    monkeypatch.chdir(tmp_path)
+    first = evaluate.main([f'--ckpt={folder_ckpt}', '--n_per_class=2', '--steps=1'])
+    out = capsys.readouterr().out
+    assert 'training the judge classifier (once; cached as judge_pics.pt)' in out
+    assert f'judge epoch {judge.PHOTO_EPOCHS}/{judge.PHOTO_EPOCHS}' in out
+    assert 'real test images, same judge, 6 images' in out and 'accuracy per class: 0: ' in out
+    saved = torch.load(tmp_path / 'judge_pics.pt', weights_only=True)
+    assert saved['trained_on'] == f'folder in {pics}, 32x32x3'
+    again = evaluate.main([f'--ckpt={folder_ckpt}', '--n_per_class=2', '--steps=1'])
+    assert 'training the judge' not in capsys.readouterr().out
+    assert again[2:] == first[2:]                                 # the same judge reads the real images alike
+    for other in (cifar_ckpt, ckpt):                              # CIFAR-10 and MNIST runs: not this judge
+        refuses(evaluate.main, [f'--ckpt={other}', '--judge=judge_pics.pt', '--steps=1'], 'judge_pics.pt',
+                untouched=[tmp_path])
 
 
 @pytest.mark.parametrize('args, expected', [
@@ -649,7 +668,7 @@ def test_evaluate_samples_as_the_checkpoint_did_unless_told(ckpt, monkeypatch, c
     test_y = torch.arange(200) % 10
     monkeypatch.setattr(evaluate, 'sample_images', fake_sample_images)
     monkeypatch.setattr(evaluate, 'judge_images', fake_judge_images)
-    monkeypatch.setattr(evaluate, 'get_judge', lambda data_dir, path: None)
+    monkeypatch.setattr(evaluate, 'get_judge', lambda *a: None)
     monkeypatch.setattr(data, 'load_dataset', lambda *a: (torch.zeros(200, 1, 28, 28, dtype=torch.uint8), test_y))
     evaluate.main([f'--ckpt={ckpt}', '--n_per_class=3', '--seed=4'] + args)
     assert seen['settings'] == expected + (4, None)
@@ -691,7 +710,7 @@ def test_evaluate_judges_an_npz_from_generate(ckpt, tmp_path, mnist_test, monkey
     torch.manual_seed(0)
     judge_path = tmp_path / 'judge.pt'  # an untrained judge: training one takes a minute
     cli.save_checkpoint(str(judge_path), judge.Judge().state_dict())
-    monkeypatch.setattr(data, 'load_dataset', lambda name, data_dir, split: (test_x, test_y))
+    monkeypatch.setattr(data, 'load_dataset', lambda *a: (test_x, test_y))
     capsys.readouterr()
     acc, fid, real_acc, real_fid = evaluate.main([f'--npz={npz}', f'--data_dir={MNIST_DIR}', f'--judge={judge_path}',
                                                   f'--ckpt={tmp_path / "no-checkpoint.pt"}'])
@@ -734,6 +753,11 @@ def test_evaluate_rejects_bad_npz_files_in_one_line(tmp_path, monkeypatch, conte
     refuses(evaluate.main, [f'--npz={path}', f'--judge={tmp_path / "judge.pt"}'], path, untouched=[tmp_path])
     # a good one passes the door (and reaches the judge)
     np.savez(path, images=np.zeros((2, 28, 28, 1), np.uint8), labels=np.array([0, 9]))
+    with pytest.raises(AssertionError, match='before rejecting'):
+        evaluate.main([f'--npz={path}'])
+    # colour images pass when the file says they are CIFAR-10's, as generate.py writes it
+    np.savez(path, images=np.zeros((2, 32, 32, 3), np.uint8), labels=np.array([0, 9]), dataset='cifar10',
+             data_dir='data', n_classes=10)
     with pytest.raises(AssertionError, match='before rejecting'):
         evaluate.main([f'--npz={path}'])
 
@@ -807,7 +831,7 @@ def test_moving_mnist_trains_generates_past_its_length_and_is_judged(ckpt, tmp_p
     torch.manual_seed(0)
     judge_path = tmp_path / 'judge.pt'  # an untrained judge: training one takes a minute
     cli.save_checkpoint(str(judge_path), judge.Judge().state_dict())
-    monkeypatch.setattr(data, 'load_dataset', lambda name, data_dir, split: (test_x, test_y))
+    monkeypatch.setattr(data, 'load_dataset', lambda *a: (test_x, test_y))
     capsys.readouterr()
     acc, fid, real_acc, real_fid, motion, by_frame = evaluate.main(
         [f'--npz={npz}', f'--data_dir={MNIST_DIR}', f'--judge={judge_path}'])

@@ -339,22 +339,25 @@ def test_every_dataset_trains_from_its_name_alone(tmp_path, monkeypatch, capsys,
             write_folder(data_dir / split, ['x', 'y', 'z'], n=2, size=(16, 16), mode='RGB', ext='.jpg')
     else:
         write_fake_mnist(data_dir, monkeypatch)
-    code, _, err = run_main([f'--dataset={dataset}', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=1',
+    code, log, err = run_main([f'--dataset={dataset}', f'--data_dir={data_dir}', f'--out_dir={out}', '--max_iters=1',
                              '--depth=1', '--width=16', '--n_heads=2', '--batch_size=2', '--eval_iters=1',
                              '--sample_steps=1', '--compile=False', '--device=cpu', '--dtype=float32'], capsys)
     assert code == 0, err
     config = cli.load_checkpoint(str(out / 'ckpt.pt'))['model_config']
     got = tuple(config[k] for k in ('img_size', 'in_channels', 'patch_size', 'block_h', 'block_w', 'n_classes'))
     assert got == shape and (out / 'samples_000001.png').exists()
+    assert ('half of each batch mirrored' in log) == (dataset in ('cifar10', 'folder'))
     if dataset == 'folder':
         images, labels = generate.main([f'--ckpt={out / "ckpt.pt"}', '--prefix_blocks=2', '--steps=1',
                                         '--n_per_class=1', '--device=cpu'])
         assert images.shape == (3, 3, 16, 16) and labels.tolist() == [0, 1, 2]
 
 
-def test_img_size_and_channels_are_for_folders_only(tmp_path, capsys):
-    code, out, err = run_main(['--dataset=mnist', '--img_size=32', f'--out_dir={tmp_path / "out"}'], capsys)
-    assert_one_line_error(code, err, 'img_size')
+@pytest.mark.parametrize('args, name', [(['--dataset=mnist', '--img_size=32'], 'img_size'),
+                                        (['--dataset=moving_mnist', '--hflip=True'], 'hflip')])
+def test_options_for_images_or_folders_only(tmp_path, capsys, args, name):
+    code, out, err = run_main(args + [f'--out_dir={tmp_path / "out"}'], capsys)
+    assert_one_line_error(code, err, name)
     assert out == '' and list(tmp_path.iterdir()) == []
 
 

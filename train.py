@@ -41,6 +41,8 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
     'data_dir': ('data', 'where the dataset files are (MNIST and CIFAR-10 are downloaded there when missing)'),
     'img_size': (0, 'folder: crop and resize every image to this square size (0: their common size)'),
     'channels': (0, 'folder: 1 (gray) or 3 (RGB); 0: 1 if every image is gray, else 3'),
+    'hflip': ('auto', "mirror a random half of each batch: 'auto' = for photos (cifar10, folder), not digits; "
+                      "'True' or 'False'"),
     # model shape (0: follow the data)
     'patch_size': (0, 'tokens are patch_size^2-pixel patches; 0: the smallest giving at most 64 tokens an '
                       'image, 16 a video frame (4 for MNIST and CIFAR-10, 8 for Moving MNIST)'),
@@ -75,7 +77,8 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
     'compile': (True, 'torch.compile the training step: ~45 s to start, then ~1.2x faster on a 2-core CPU'),
     'attn_backend': ('auto', "'auto' (flex on CUDA, else sdpa), 'flex' (FlexAttention) or 'sdpa' (dense mask)"),
 }
-CHOICES = {'dataset': data.DATASETS, 'channels': (0, 1, 3), 'init_from': ('scratch', 'resume'), 'device': ('auto', 'cpu', 'cuda', 'mps'),
+CHOICES = {'dataset': data.DATASETS, 'channels': (0, 1, 3), 'hflip': ('auto', 'True', 'False'),
+           'init_from': ('scratch', 'resume'), 'device': ('auto', 'cpu', 'cuda', 'mps'),
            'dtype': ('float32', 'bfloat16'), 'attn_backend': ('auto', 'flex', 'sdpa'), 'sampler': tuple(acdit.SAMPLERS)}
 
 
@@ -89,6 +92,7 @@ def check_args(args):
         cli.check(getattr(args, key) >= 0, f'{key}={getattr(args, key)} must be at least 0 (0: from the data)')
     cli.check(args.dataset == 'folder' or not (args.img_size or args.channels),
               f'img_size and channels are for --dataset=folder; {args.dataset} has its own')
+    cli.check(args.hflip != 'True' or args.dataset not in data.VIDEO_FRAMES, 'hflip=True: for images, not videos')
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
     cli.check(args.init_from == 'resume' or not os.path.exists(ckpt_path), f'{ckpt_path} exists and a new run '
               f'would overwrite it: continue it with --init_from=resume, use another --out_dir, or delete it')
@@ -372,8 +376,10 @@ def main(argv=None):
     config = config or model_config(args, train_x.shape[-1], train_x.shape[1], int(train_y.max()) + 1)
     test_x, test_y = data.load_dataset(args.dataset, args.data_dir, 'test', config.img_size, config.in_channels)
     train_x, train_y, test_x, test_y = (t.to(dev) for t in (train_x, train_y, test_x, test_y))
+    hflip = args.hflip == 'True' or (args.hflip == 'auto' and args.dataset in ('cifar10', 'folder'))
     get_batch = data.moving_mnist_batch if args.dataset in data.VIDEO_FRAMES else \
-        functools.partial(data.get_batch, hflip=args.dataset == 'cifar10')  # mirror photos, not digits
+        functools.partial(data.get_batch, hflip=hflip)  # mirror photos, not digits
+    log(f'training on {args.dataset}{", half of each batch mirrored" if hflip else ""}')
     batch_gen = torch.Generator()
     model, ema, optimizer = make_model(config, args, dev, log)
     start = resume(ckpt_path, args, config, model, ema, optimizer, log) if args.init_from == 'resume' else 0
