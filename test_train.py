@@ -93,6 +93,14 @@ def test_step_seed_differs_for_another_seed_or_rank():
         assert not torch.equal(a, o) and not torch.equal(ga, go), other
 
 
+def test_step_seeds_the_batch_and_the_model_draws_apart():
+    """Seeded alike, the batch indices and the timesteps would come from the same raw numbers."""
+    g = torch.Generator()
+    for it in range(20):
+        a, ga = step_draws(1337, 0, it, g)
+        assert not torch.equal(a, ga), it
+
+
 def largest_accepted(key, low, high):
     """The largest value of option key in [low, high) that train.py's checks accept (low is)."""
     def ok(v):

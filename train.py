@@ -151,13 +151,19 @@ def update_ema(ema, model, it, ema_decay):
         e.lerp_(p, 1.0 - decay)
 
 
+def mix64(x):
+    """SplitMix64's finalizer: nearby inputs (step 7, step 8) give unrelated 64-bit outputs."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB % 2**64
+    return x ^ (x >> 31)
+
+
 def seed_step(seed, rank, it, batch_gen):
     """Seed one step from (seed, rank, iteration) alone: a resumed run draws exactly the batches,
     timesteps and noise the uninterrupted run drew, with no random state to save."""
-    x = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + it * 0x94D049BB133111EB) % 2**64
-    step_seed = (x ^ (x >> 32)) % 2**32  # mixed into 32 bits: torch's CPU generator keeps only those
-    torch.manual_seed(step_seed)   # the model's timesteps, noise and label dropout, on every device
-    batch_gen.manual_seed(step_seed)   # the batch indices
+    x = mix64(mix64(mix64(seed) + rank) + it)  # chained, so no two (seed, rank, it) collide by a sum
+    torch.manual_seed(x % 2**32)  # the model's timesteps, noise and label dropout, on every device
+    batch_gen.manual_seed(x >> 32)  # the batch indices, from the other half: the streams are unrelated
 
 
 class TrainingLoss(torch.nn.Module):
