@@ -5,6 +5,7 @@ judge's numbers for real test images (the best any model can score).
     python evaluate.py --ckpt=out/ckpt.pt                # 1000 samples, judged on the run's dataset
     python evaluate.py --npz=out/samples.npz             # images from generate.py
     python evaluate.py --ckpt=out-moving-mnist/ckpt.pt --n_frames=24     # videos, past their length
+    python evaluate.py --ckpt=out-moving-mnist/ckpt.pt --prefix_blocks=4  # frame prediction
     python evaluate.py --ckpt=out-cifar10/ckpt.pt --cfg_scale=3          # colour images: their own judge
 
 A small CNN (nothing to do with ACDiT) is trained once on the run's training images and
@@ -18,17 +19,22 @@ sampled with, and we report
     compare numbers made with the same number of samples only).
 For a Moving MNIST checkpoint every frame is judged (the digit cut out around its center
 of mass), beside real Moving MNIST videos made from the test digits, and the digit's
-motion is measured: speed and spread of its frame-to-frame displacement.
+motion is measured: speed and spread of its frame-to-frame displacement. With --prefix_blocks=K
+the model predicts frames instead: given the first K frames of those real videos it makes the
+rest, and each frame ahead is scored against the true one (class accuracy, the digit's
+center-of-mass error in pixels, pixel MSE) beside the baseline of repeating the last given frame.
 """
 
 import os
+import time
 
 import numpy as np
 import torch
 
+import acdit
 import cli
 import data
-from judge import DIGITS, frame_digits, get_judge, judge_images, misreadings, motion, sample_images
+from judge import DIGITS, center_of_mass, frame_digits, get_judge, judge_images, misreadings, motion, sample_images
 
 OPTIONS = {
     'ckpt': ('out/ckpt.pt', 'checkpoint written by train.py'),
@@ -43,6 +49,7 @@ OPTIONS = {
     'seed': (0, 'seeds the sampling noise'),
     'weights': ('ema', "'ema' (the averaged weights) or 'model' (the raw ones)"),
     'n_frames': (0, 'video models: frames per video (0 = the trained length; more slides the cache window)'),
+    'prefix_blocks': (0, 'video models: K > 0 gives the first K frames of real test videos and judges the rest'),
     'device': ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'"),
 }
 CHOICES = {'weights': ('ema', 'model'), 'device': ('auto', 'cpu', 'cuda', 'mps')}
@@ -76,6 +83,7 @@ def main(argv=None):
         return None
     cli.check(args.n_per_class >= 1, f'n_per_class={args.n_per_class} must be at least 1')
     cli.check(0 <= args.seed < 2**62, f'seed={args.seed} must be in [0, 2**62)')
+    cli.check(not (args.npz and args.prefix_blocks), 'prefix_blocks: frame prediction samples from --ckpt, not --npz')
     if args.npz:
         images, labels, run = read_npz(args.npz)
         what = f"{args.npz}: {len(images)} {'videos' if images.ndim == 5 else 'images'}"
@@ -88,6 +96,11 @@ def main(argv=None):
         cli.check(args.n_frames == 0 or video, f'n_frames={args.n_frames}: only for video models')
         cli.check(args.n_frames == 0 or args.n_frames >= 3, f'n_frames={args.n_frames}: at least 3 (the motion '
                                                             f'check needs two displacements)')
+        cli.check(args.prefix_blocks == 0 or video, f'prefix_blocks={args.prefix_blocks}: frame prediction is '
+                                                    f'for video models (generate.py completes images)')
+        most = min(model.config.n_frames, args.n_frames or model.config.n_frames) - 1  # a frame left to predict
+        cli.check(0 <= args.prefix_blocks <= most, f'prefix_blocks={args.prefix_blocks} must be in 0..{most} '
+                  f'(frames given, fewer than the trained {model.config.n_frames} and those made)')
         cfg_scale, steps, sampler = cli.sampling_settings(args, ckpt)
     dataset, data_dir, n_classes = run['dataset'], args.data_dir or run['data_dir'] or 'data', run['n_classes']
     digits = dataset in DIGITS  # the MNIST judge reads them
@@ -95,6 +108,11 @@ def main(argv=None):
     path = args.judge if args.judge != 'auto' else 'judge.pt' if digits else f'judge_{name}.pt'
     judge = get_judge(data_dir, path, dataset, size, channels, n_classes)  # before sampling: a bad data_dir fails now
     test_x, test_y = data.load_dataset('mnist' if digits else dataset, data_dir, 'test', size, channels)
+    if args.prefix_blocks:
+        picks = torch.cat([(test_y == y).nonzero()[:args.n_per_class, 0] for y in range(n_classes)])
+        return judge_predictions(judge, model, data.halve(test_x)[picks], test_y[picks], args.prefix_blocks,
+                                 args.n_frames or model.config.n_frames, args.seed,
+                                 dict(cfg_scale=cfg_scale, steps=steps, sampler=sampler))
     if not args.npz:
         images, labels, seconds = sample_images(model, args.n_per_class, cfg_scale, steps, sampler, args.seed,
                                                 n_frames=args.n_frames or None)
@@ -136,6 +154,40 @@ def judge_videos(judge, videos, labels, test_x, test_y, picks, what):
     print(f'motion of the center of mass, pixels a frame: generated speed {speed:.2f}, spread {spread:.2f}; '
           f'real speed {real_speed:.2f}, spread {real_spread:.2f}')
     return acc, fid, real_acc, real_fid, (speed, spread, real_speed, real_spread), by_frame.tolist()
+
+
+@torch.no_grad()
+def judge_predictions(judge, model, digits, labels, K, T, seed, settings, batch=250):
+    """Frame prediction: real Moving MNIST videos of the test digits (B, 1, 14, 14), T frames
+    each, the same as judge_videos' real ones; the model is given the first K frames and makes
+    the rest, each frame ahead scored against the true frame, beside repeating frame K."""
+    config, dev = model.config, next(model.parameters()).device
+    real = data.moving_mnist(digits, torch.Generator().manual_seed(0), frames=T)      # (B, T, 1, 32, 32)
+    prefix = acdit.patchify(data.to_float(real[:, :config.n_frames]), config)[:, :K * config.block_len]
+    t0 = time.perf_counter()
+    pred = torch.cat([acdit.sample(model, labels[i:i + batch].to(dev), prefix=prefix[i:i + batch].to(dev),
+                                   n_frames=T, generator=torch.Generator(dev).manual_seed(seed + i), **settings).cpu()
+                      for i in range(0, len(labels), batch)])
+    seconds, truth = time.perf_counter() - t0, real[:, K:]
+    rows = {'predicted': data.to_uint8(pred)[:, K:], f'frame {K} repeated': real[:, K - 1:K].expand_as(truth),
+            'true frames': truth}
+    B, ahead = len(truth), T - K
+    scores = {}
+    for name, frames in rows.items():
+        read = judge(data.to_float(frame_digits(frames))).argmax(1).view(B, ahead)
+        scores[name] = {'class accuracy': (read == labels[:, None]).float().mean(0),
+                        'center-of-mass error (px)': (center_of_mass(frames[:, :, 0]) -
+                                                      center_of_mass(truth[:, :, 0])).norm(dim=-1).mean(0),
+                        'pixel MSE (0..1)': ((frames.float() - truth.float()) / 255).pow(2).mean((0, 2, 3, 4))}
+    print(f"frame prediction: {B} real test videos, given {K} of {T} frames; {settings['sampler']} "
+          f"{settings['steps']} steps/frame, CFG {settings['cfg_scale']} (sampling {seconds:.0f}s)")
+    print(f"{'frames ahead':<44}" + ''.join(f'{h + 1:>7}' for h in range(ahead)) + '    mean')
+    for metric in scores['predicted']:
+        for name in rows:
+            if name != 'true frames' or metric == 'class accuracy':   # the truth's errors are 0
+                v = scores[name][metric]
+                print(f'{metric + ", " + name:<44}' + ''.join(f'{x:7.3f}' for x in v.tolist()) + f'{v.mean():8.3f}')
+    return {name: {m: v.tolist() for m, v in s.items()} for name, s in scores.items()}
 
 
 if __name__ == '__main__':

@@ -8,10 +8,13 @@ Sample images (or videos) from an ACDiT checkpoint written by train.py.
     python generate.py --ckpt=out/ckpt.pt --npz=out/samples.npz   # raw uint8 samples for evaluation
     python generate.py --ckpt=out/ckpt.pt --prefix_blocks=3 --data_dir=path/to/mnist  # complete test images
     python generate.py --ckpt=out-moving-mnist/ckpt.pt --gif=out-moving-mnist/videos.gif --n_frames=16
+    python generate.py --ckpt=out-moving-mnist/ckpt.pt --prefix_blocks=3 --data_dir=path/to/mnist  # predict frames
 
 With the defaults it redraws the last sample grid train.py saved for the checkpoint (same
 seed, guidance scale, steps and sampler). For a video model the PNG is a strip, a row per
-video and a column per frame, and --gif animates the videos themselves.
+video and a column per frame, and --gif animates the videos themselves. With --prefix_blocks a
+video model predicts frames: it is given the first K frames of test videos (a test digit moving
+as in training) and makes the rest; each true video's row comes before its predictions' rows.
 """
 
 import math
@@ -40,7 +43,7 @@ OPTIONS = {
     'npz': ('', 'if set, also save images (N, [T,] H, W, C) uint8 and labels (N,) here (np.savez), for evaluate.py'),
     'gif': ('', 'if set, also save an animated GIF: the generation block by block (for video: the videos)'),
     'n_frames': (0, 'video models: frames to generate (0 = the trained length; more slides the cache window)'),
-    'prefix_blocks': (0, 'K > 0: give the first K blocks of test images, generate the rest (prefix completion)'),
+    'prefix_blocks': (0, 'K > 0: give the first K blocks of test images (frames of test videos), generate the rest'),
     'sources': (1, 'with prefix_blocks: test images per label, the first of that class in the test set'),
     'indices': ('', "with prefix_blocks: test-set indices to complete instead, e.g. 0,7,42"),
     'data_dir': ('', "where the test images for prefix_blocks are; '' = the training run's data_dir"),
@@ -58,13 +61,20 @@ def parse_ints(key, text, low, high):
     return values
 
 
+def rgb(images):
+    """uint8 (..., C, H, W) with C = 1 or 3 -> (..., 3, H, W)."""
+    return images.expand(*images.shape[:-3], 3, *images.shape[-2:])
+
+
 def mark_generated(images, config, n_given):
-    """uint8 (B, C, H, W) -> RGB, the generated blocks tinted green so the given part shows."""
-    rgb = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-    given = torch.zeros(1, config.n_blocks * config.block_len, config.patch_dim)
+    """uint8 images (B, C, H, W) or videos (B, T, C, H, W) -> RGB, the generated blocks (frames)
+    tinted green so the given part shows."""
+    n_blocks = images.shape[1] if images.ndim == 5 else config.n_blocks
+    given = torch.zeros(1, n_blocks * config.block_len, config.patch_dim)
     given[:, :n_given * config.block_len] = 1
-    given = acdit.unpatchify(given, config)[:, :1].bool()           # (1, 1, H, W)
-    return torch.where(given, rgb, (rgb * torch.tensor([0.55, 1.0, 0.55]).view(1, 3, 1, 1)).round().to(torch.uint8))
+    given = acdit.unpatchify(given, config)[..., :1, :, :].bool()   # (1, [T,] 1, H, W)
+    tinted = (rgb(images) * torch.tensor([0.55, 1.0, 0.55]).view(3, 1, 1)).round().to(torch.uint8)
+    return torch.where(given, rgb(images), tinted)
 
 
 def save_gif(frames, path, ms_per_frame=80, hold_last_ms=2000):
@@ -91,10 +101,10 @@ def main(argv=None):
     dev = cli.pick_device(args.device)
     model, ckpt = cli.load_model(args.ckpt, args.weights, dev)
     config, K, video = model.config, args.prefix_blocks, model.config.n_frames > 1
+    unit = 'frames' if video else 'blocks'                          # a video's block is a frame
     cfg_scale, steps, sampler = cli.sampling_settings(args, ckpt)
-    cli.check(not (video and K), 'prefix_blocks: prefix completion is for image models only')
     cli.check(0 <= K < config.n_blocks, f'prefix_blocks={K} must be in 0..{config.n_blocks - 1} (the model has '
-                                      f'{config.n_blocks} blocks)')
+                                      f'{config.n_blocks} {unit})')
     cli.check(args.n_frames == 0 or video, f'n_frames={args.n_frames}: only for video models')
     cli.check(args.n_frames >= 0 and (args.use_cache or args.n_frames <= config.n_frames),
               f'n_frames={args.n_frames}: 0 (the trained length) or more; past the trained {config.n_frames} '
@@ -109,15 +119,19 @@ def main(argv=None):
         picks = parse_ints('indices', args.indices, 0, len(test_x) - 1) if args.indices else \
             [i for y in classes for i in (test_y == y).nonzero()[:args.sources, 0].tolist()]
         labels = test_y[picks].repeat_interleave(args.n_per_class).to(dev)
-        real = test_x[picks].repeat_interleave(args.n_per_class, dim=0)
-        prefix = acdit.patchify(data.to_float(real), config)[:, :K * config.block_len].to(dev)
+        real = test_x[picks]
+        if video:  # each test digit moving as in training (path drawn from --seed), n_total frames
+            real = data.moving_mnist(real, torch.Generator().manual_seed(args.seed), frames=n_total)
+        given = real[:, :config.n_frames] if video else real             # patchify takes the trained length
+        prefix = acdit.patchify(data.to_float(given), config)[:, :K * config.block_len]
+        prefix = prefix.repeat_interleave(args.n_per_class, dim=0).to(dev)
         nrow += 1
     else:
         labels = torch.tensor(classes, device=dev).repeat_interleave(args.n_per_class)  # a row per label
     print(f"loaded {args.ckpt} ({args.weights} weights, iter {ckpt['iter_num']}): {model.num_params() / 1e6:.2f}M "
           f"parameters, {config.n_blocks} blocks of {config.block_len} tokens")
     print(f"sampling {len(labels)} {f'videos of {n_total} frames' if video else 'images'}"
-          f"{f', given {K} of {config.n_blocks} blocks' if K else ''} on {dev}: {sampler}, {steps} steps per "
+          f"{f', given {K} of {n_total} {unit}' if K else ''} on {dev}: {sampler}, {steps} steps per "
           f"block, cfg_scale {cfg_scale}, {'KV cache' if args.use_cache else 'uncached reference'}")
 
     frames, gif_stride = [], max(1, math.ceil(steps / 6))         # GIF: about 6 frames per block
@@ -141,9 +155,9 @@ def main(argv=None):
     images = data.to_uint8(imgs).cpu()                            # (B, [T,] C, H, W)
     grid = images.flatten(0, 1) if video else images
     nrow = n_total if video else nrow                             # a video: a row of frames
-    if K:  # each row: the source image, then its completions with the generated part tinted
-        marked = mark_generated(images, config, K).view(len(picks), args.n_per_class, 3, *images.shape[2:])
-        grid = torch.cat([test_x[picks].expand(-1, 3, -1, -1)[:, None], marked], dim=1).flatten(0, 1)
+    if K:  # a source, then its completions with the generated part tinted (video: each a row of frames)
+        marked = mark_generated(images, config, K).unflatten(0, (len(picks), args.n_per_class))
+        grid = torch.cat([rgb(real)[:, None], marked], dim=1).flatten(0, 2 if video else 1)
     out = args.out or os.path.join(os.path.dirname(args.ckpt), 'samples.png')
     for path in (out, args.npz, args.gif):
         if path:

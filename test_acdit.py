@@ -712,6 +712,22 @@ def test_video_cached_sampling_equals_uncached(sampler):
     assert torch.allclose(a, b, atol=1e-9)
 
 
+@pytest.mark.parametrize("n_frames", [None, 6])
+def test_video_prediction_cached_equals_uncached_and_keeps_the_given_frames(n_frames):
+    """Frame prediction: the first K frames given (one prefill pass), the rest sampled; the
+    uncached reference rebuilds everything from the given and finished frames each step."""
+    config = video_config()
+    m = randomized(ACDiT(config), dtype=torch.float64)
+    given = torch.rand(3, 2 * config.block_len, config.patch_dim, dtype=torch.float64) * 2 - 1   # K = 2 frames
+    kw = dict(cfg_scale=2.0, sampler="ddpm", steps=5, prefix=given, n_frames=n_frames)
+    a = acdit.sample(m, [0, 1, 2], generator=torch.Generator().manual_seed(5), use_cache=True, **kw)
+    assert a.shape == (3, n_frames or 4, 1, 4, 4)
+    assert torch.equal(patchify(a[:, :4], config)[:, :2 * config.block_len], given)
+    if n_frames is None:  # within the trained length the reference can rebuild it
+        b = acdit.sample(m, [0, 1, 2], generator=torch.Generator().manual_seed(5), use_cache=False, **kw)
+        assert torch.allclose(a, b, atol=1e-9)
+
+
 def test_sliding_window_keeps_positions_consistent():
     """Past the trained length the cache drops the oldest frame and positions count on. In a
     1-layer model a frame's cached keys/values depend on that frame alone, so frame i of a

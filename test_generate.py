@@ -823,7 +823,7 @@ def test_moving_mnist_trains_generates_past_its_length_and_is_judged(ckpt, tmp_p
         assert np.array_equal(f['images'], images.permute(0, 1, 3, 4, 2).numpy()) and f['labels'].tolist() == [3, 3, 5, 5]
     for argv in ([f'--ckpt={video_ckpt}', '--n_frames=9', '--use_cache=False'],  # past 8 frames: only with the cache
                  [f'--ckpt={video_ckpt}', '--n_frames=-1'],
-                 [f'--ckpt={video_ckpt}', '--prefix_blocks=1', f'--data_dir={tmp_path}/nothing']):  # images only
+                 [f'--ckpt={video_ckpt}', '--prefix_blocks=8', f'--data_dir={tmp_path}/nothing']):  # no frame left
         refuses(generate.main, argv + [f'--out={tmp_path}/refused.png'], argv[1].split('=')[0][2:],
                 untouched=[tmp_path])
 
@@ -849,6 +849,88 @@ def test_moving_mnist_trains_generates_past_its_length_and_is_judged(ckpt, tmp_p
     for bad in ('--n_frames=2', '--n_frames=-1'):  # the motion check needs two displacements
         refuses(evaluate.main, [f'--ckpt={video_ckpt}', f'--judge={judge_path}', bad], 'n_frames',
                 untouched=[tmp_path])
+
+
+# frame prediction: a video model given the first K frames of real test videos
+
+VIDEO_MODEL = dataclasses.replace(TINY_MODEL, img_size=32, n_frames=8, patch_size=8, block_h=4)  # a block: a frame
+
+
+@pytest.fixture(scope='module')
+def video_ckpt(tmp_path_factory):
+    args = dict(TRAIN_DEFAULTS, **dict(TINY, dataset='moving_mnist', patch_size=8, block_h=4))
+    return write_checkpoint(tmp_path_factory.mktemp('video') / 'ckpt.pt', args, VIDEO_MODEL)
+
+
+def fake_test_set(monkeypatch, size):
+    """data.load_dataset returns 30 random 'digits' of size x size (3 of each class) instead."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(1, 256, (30, 1, size, size), dtype=torch.uint8, generator=g), torch.arange(30) % 10
+    monkeypatch.setattr(data, 'load_dataset', lambda *a: (x, y))
+    return x, y
+
+
+def test_frame_prediction_keeps_the_given_frames(video_ckpt, tmp_path, monkeypatch, capsys):
+    """--prefix_blocks=K on a video model: each test digit moves through its true video; its
+    predictions start with that video's first K frames, bit for bit, and go on on their own."""
+    digits, _ = fake_test_set(monkeypatch, 14)
+    K, n, T = 3, 2, 10
+    png = tmp_path / 'predicted.png'
+    (images, labels), npz, _ = generate_npz(video_ckpt, tmp_path, f'--prefix_blocks={K}', '--labels=4,7',
+                                            f'--n_per_class={n}', '--steps=2', f'--n_frames={T}')
+    generate.main([f'--ckpt={video_ckpt}', f'--prefix_blocks={K}', '--labels=4,7', f'--n_per_class={n}',
+                   '--steps=2', f'--n_frames={T}', f'--out={png}'])
+    assert 'given 3 of 10 frames' in capsys.readouterr().out
+    assert images.shape == (2 * n, T, 1, 32, 32) and labels.tolist() == [4, 4, 7, 7]
+    for video, digit in zip(images, digits[[4, 4, 7, 7]]):
+        for t in range(K):  # a given frame: the whole digit, somewhere in a black frame
+            ys, xs = video[t, 0].nonzero().min(0).values.tolist()
+            assert torch.equal(video[t, 0, ys:ys + 14, xs:xs + 14], digit[0]) and video[t].sum() == digit.sum()
+    assert torch.equal(images[0, :K], images[1, :K]) and not torch.equal(images[0, :K], images[2, :K])
+    assert not torch.equal(images[0, K:], images[1, K:])            # the predictions are the model's
+
+    # the strip: per source a row of its true frames, then a row per prediction, generated frames tinted
+    cells = np.array(Image.open(png)).reshape(2, n + 1, 32, T, 32, 3).transpose(0, 1, 3, 2, 4, 5)
+    predicted = images.view(2, n, T, 32, 32).numpy()
+    assert np.array_equal(cells[:, 0, :K, ..., 0], predicted[:, 0, :K])  # the truth's given frames
+    assert (cells[:, 0, ..., 0] == cells[:, 0, ..., 2]).all()        # the truth: gray
+    assert np.array_equal(cells[:, 1:, ..., 1], predicted)           # green: the pixels as they are
+    assert np.array_equal(cells[:, 1:, :K, ..., 0], predicted[:, :, :K])
+    tinted = np.round(predicted[:, :, K:].astype(np.float32) * np.float32(0.55))
+    assert np.abs(cells[:, 1:, K:, ..., 0] - tinted).max() <= 1
+
+    # and the uncached reference predicts the same frames (within the trained length)
+    (again, _), *_ = generate_npz(video_ckpt, tmp_path, f'--prefix_blocks={K}', '--labels=4,7',
+                                  f'--n_per_class={n}', '--steps=2', '--use_cache=False')
+    assert (again.int() - images[:, :8].int()).abs().max() <= 1
+
+
+def test_frame_prediction_is_judged_against_the_true_frames(video_ckpt, tmp_path, monkeypatch):
+    test_x, test_y = fake_test_set(monkeypatch, 28)
+    torch.manual_seed(0)
+    judge_path = tmp_path / 'judge.pt'  # an untrained judge: training one takes a minute
+    cli.save_checkpoint(str(judge_path), judge.Judge().state_dict())
+    K, T = 5, 8
+    scores = evaluate.main([f'--ckpt={video_ckpt}', f'--judge={judge_path}', f'--prefix_blocks={K}',
+                            '--n_per_class=2', '--steps=2', '--data_dir=somewhere'])
+    assert set(scores) == {'predicted', f'frame {K} repeated', 'true frames'}
+    assert all(len(v) == T - K for s in scores.values() for v in s.values())
+    # the baseline from the definition: the real videos' frame K (index K-1) against each later frame
+    picks = torch.cat([(test_y == y).nonzero()[:2, 0] for y in range(10)])
+    real = data.moving_mnist(data.halve(test_x)[picks], torch.Generator().manual_seed(0), frames=T).float() / 255
+    for h in range(T - K):
+        mse = sum(((v[K - 1] - v[K + h]) ** 2).mean() for v in real) / len(real)
+        assert scores[f'frame {K} repeated']['pixel MSE (0..1)'][h] == pytest.approx(mse.item(), rel=1e-5)
+        assert scores[f'frame {K} repeated']['center-of-mass error (px)'][h] > 0.5   # the digits move
+    assert scores['true frames']['pixel MSE (0..1)'] == [0.0] * (T - K)  # the truth lines up with itself
+    for bad in ('--prefix_blocks=8', '--prefix_blocks=-1', '--prefix_blocks=4 --n_frames=4'):
+        refuses(evaluate.main, [f'--ckpt={video_ckpt}', f'--judge={judge_path}', *bad.split()], 'prefix_blocks',
+                untouched=[tmp_path])
+
+
+def test_frame_prediction_is_for_video_models_and_checkpoints(ckpt, tmp_path):
+    refuses(evaluate.main, [f'--ckpt={ckpt}', '--prefix_blocks=1'], 'prefix_blocks', untouched=[tmp_path])
+    refuses(evaluate.main, [f'--npz={tmp_path / "x.npz"}', '--prefix_blocks=1'], 'prefix_blocks', untouched=[tmp_path])
 
 
 # -----------------------------------------------------------------------------
