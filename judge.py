@@ -78,7 +78,10 @@ def get_judge(data_dir, path='judge.pt', dataset='mnist', img_size=28, channels=
         saved = saved if 'trained_on' in saved else {'trained_on': 'MNIST', 'weights': saved}
         cli.check(saved['trained_on'] == trained_on, f"{path} is a judge for {saved['trained_on']}, not for "
                                                      f"{trained_on}: pass --judge=another file (one is trained there)")
-        judge.load_state_dict(saved['weights'])
+        try:
+            judge.load_state_dict(saved['weights'])
+        except RuntimeError:  # another model's weights (a train.py checkpoint, say)
+            raise cli.ConfigError(f'{path} is not a judge for {trained_on}: pass --judge=another file') from None
         return judge.eval()
     print(f'training the judge classifier (once; cached as {path})', flush=True)
     x, y = data.load_dataset('mnist' if digits else dataset, data_dir, 'train', img_size, channels)

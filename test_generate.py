@@ -648,6 +648,7 @@ def test_evaluate_judges_colour_images_with_a_judge_trained_on_their_folder(cifa
     for other in (cifar_ckpt, ckpt):                              # CIFAR-10 and MNIST runs: not this judge
         refuses(evaluate.main, [f'--ckpt={other}', '--judge=judge_pics.pt', '--steps=1'], 'judge_pics.pt',
                 untouched=[tmp_path])
+    refuses(evaluate.main, [f'--ckpt={ckpt}', f'--judge={ckpt}', '--steps=1'], str(ckpt), untouched=[tmp_path])  # not a judge
 
 
 @pytest.mark.parametrize('args, expected', [
