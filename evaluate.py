@@ -132,12 +132,19 @@ def main(argv=None):
     return acc, fid, real_acc, real_fid
 
 
+def real_videos(digits, frames):
+    """Real Moving MNIST videos (B, frames, 1, 32, 32) of halved test digits (B, 1, 14, 14), their
+    paths drawn from seed 0: what generated videos are judged beside, and what frame prediction
+    is scored against."""
+    return data.moving_mnist(digits, torch.Generator().manual_seed(0), frames=frames)
+
+
 def judge_videos(judge, videos, labels, test_x, test_y, picks, what):
     """Every frame of uint8 videos (B, T, 1, 32, 32) judged, beside real Moving MNIST videos of
     the same length made from the test digits picks (the same classes), and the motion of both."""
     B, T = videos.shape[:2]
     digits = data.halve(test_x)
-    real = data.moving_mnist(digits[picks], torch.Generator().manual_seed(0), frames=T)
+    real = real_videos(digits[picks], T)
     ref = frame_digits(data.moving_mnist(digits, torch.Generator().manual_seed(1), frames=1))  # for FID
     frames = frame_digits(videos)                                 # (B*T, 1, 28, 28), video by video
     acc, fid, confusion = judge_images(judge, frames, labels.repeat_interleave(T), ref)
@@ -158,11 +165,11 @@ def judge_videos(judge, videos, labels, test_x, test_y, picks, what):
 
 @torch.no_grad()
 def judge_predictions(judge, model, digits, labels, K, T, seed, settings, batch=250):
-    """Frame prediction: real Moving MNIST videos of the test digits (B, 1, 14, 14), T frames
-    each, the same as judge_videos' real ones; the model is given the first K frames and makes
-    the rest, each frame ahead scored against the true frame, beside repeating frame K."""
+    """Frame prediction: the real videos of the test digits (B, 1, 14, 14), T frames each (the
+    ones judge_videos judges beside); the model is given the first K frames and makes the rest,
+    each frame ahead scored against the true frame, beside repeating frame K."""
     config, dev = model.config, next(model.parameters()).device
-    real = data.moving_mnist(digits, torch.Generator().manual_seed(0), frames=T)      # (B, T, 1, 32, 32)
+    real = real_videos(digits, T)                                 # (B, T, 1, 32, 32)
     prefix = acdit.patchify(data.to_float(real[:, :config.n_frames]), config)[:, :K * config.block_len]
     t0 = time.perf_counter()
     pred = torch.cat([acdit.sample(model, labels[i:i + batch].to(dev), prefix=prefix[i:i + batch].to(dev),
@@ -171,13 +178,12 @@ def judge_predictions(judge, model, digits, labels, K, T, seed, settings, batch=
     seconds, truth = time.perf_counter() - t0, real[:, K:]
     rows = {'predicted': data.to_uint8(pred)[:, K:], f'frame {K} repeated': real[:, K - 1:K].expand_as(truth),
             'true frames': truth}
-    B, ahead = len(truth), T - K
+    B, ahead, true_com = len(truth), T - K, center_of_mass(truth[:, :, 0])
     scores = {}
     for name, frames in rows.items():
         read = judge(data.to_float(frame_digits(frames))).argmax(1).view(B, ahead)
         scores[name] = {'class accuracy': (read == labels[:, None]).float().mean(0),
-                        'center-of-mass error (px)': (center_of_mass(frames[:, :, 0]) -
-                                                      center_of_mass(truth[:, :, 0])).norm(dim=-1).mean(0),
+                        'center-of-mass error (px)': (center_of_mass(frames[:, :, 0]) - true_com).norm(dim=-1).mean(0),
                         'pixel MSE (0..1)': ((frames.float() - truth.float()) / 255).pow(2).mean((0, 2, 3, 4))}
     print(f"frame prediction: {B} real test videos, given {K} of {T} frames; {settings['sampler']} "
           f"{settings['steps']} steps/frame, CFG {settings['cfg_scale']} (sampling {seconds:.0f}s)")
