@@ -40,6 +40,8 @@ class ACDiTConfig:
     beta_start: float = 1e-4     # linear beta schedule, as in DDPM
     beta_end: float = 0.02
     min_snr_gamma: float = 0.0   # 0: the paper's unweighted eps-MSE; > 0: Min-SNR-gamma weights
+    prediction: str = "eps"      # the network outputs the noise ('eps', as DDPM and the paper) or the
+                                 # clean tokens ('x0': easier when a token holds many pixels)
     rope_base: float = 100.0     # RoPE frequencies rope_base^(-k/K); a grid only a few tokens wide
                                  # wants a small base (not LLMs' 10000) to keep them all turning
     attn_backend: str = "auto"   # 'flex' (FlexAttention), 'sdpa' (dense mask), 'auto' (flex on CUDA)
@@ -50,6 +52,7 @@ class ACDiTConfig:
             f"block_h={self.block_h} and block_w={self.block_w} must divide the {self.grid}x{self.grid} patch grid"
         assert self.n_frames == 1 or self.block_h == self.block_w == self.grid, \
             f"a video block is one whole frame: block_h = block_w = {self.grid} (the patch grid)"
+        assert self.prediction == "eps" or self.min_snr_gamma > 0, "x0 prediction wants Min-SNR weights"
         assert self.width % self.n_heads == 0 and self.head_dim % 2 == 0 and self.head_dim >= 2 * self.n_axes, \
             f"width={self.width} / n_heads={self.n_heads} must be an even head dim of at least {2 * self.n_axes}"
 
@@ -446,14 +449,26 @@ class ACDiT(nn.Module):
         mask = scam_mask(config.n_blocks, Bl, noised.device, self.backend(noised.device))
         cond = self.condition(t, y)
         x = self.run(tokens, cond, n_clean, pos, mask)
-        return self.final(x[:, n_clean * Bl:], cond)              # (B, N*Bl, P)
+        return self.as_eps(self.final(x[:, n_clean * Bl:], cond), noised, t)  # (B, N*Bl, P)
 
     def denoise_block(self, x, t, y, cache):
         """Sampling: eps for the next block x (B, Bl, P) at timestep t (B, 1), attending to
         the clean blocks' keys/values in cache and to itself (no mask)."""
         cond = self.condition(t, y)
         h = self.run(x, cond, 0, cache.positions(x.shape[1], x.device), None, cache)
-        return self.final(h, cond)                                # (B, Bl, P)
+        return self.as_eps(self.final(h, cond), x, t)             # (B, Bl, P)
+
+    def as_eps(self, out, xt, t):
+        """The network's output as eps: itself, or with prediction='x0' the eps that x_t and the
+        predicted clean tokens imply (Li & He 2025: high-dimensional tokens are easier to predict
+        clean than as noise). out, xt: (B, Nn*Bl, P); t: (B, Nn)."""
+        if self.config.prediction == "eps":
+            return out
+        B, L, P = out.shape
+        dtype = torch.promote_types(out.dtype, torch.float32)     # near t = 0 this divides by 0.01
+        x0, xt = out.to(dtype).view(B, t.shape[1], -1, P), xt.to(dtype).view(B, t.shape[1], -1, P)
+        ab = self.schedule.alpha_bar(t, x0)[..., None, None]      # (B, Nn, 1, 1)
+        return ((xt - ab.sqrt() * x0) / (1 - ab).sqrt()).view(B, L, P)
 
     @torch.no_grad()
     def commit(self, tokens, cache):

@@ -64,7 +64,7 @@ def parse_args(argv, doc, options, choices={}, exclusive=()):
         default = defaults[key]
         if isinstance(default, float) and type(value) is int:
             value = float(value)
-        check(type(value) is type(default), f'{source}: {key} must be a {type(default).__name__}, like its default {default!r}')
+        check(type(value) is type(default), f'{source}: {key} must be of type {type(default).__name__}, like its default {default!r}')
         if key in choices:
             check(value in choices[key], f"{key}={value!r} from {source}: choose one of {', '.join(map(repr, choices[key]))}")
         args[key] = value

@@ -167,7 +167,7 @@ def main(argv=None):
     if args.npz:
         with open(args.npz, 'wb') as f:  # a file object, so np.savez keeps the name as given
             np.savez(f, images=images.movedim(-3, -1).numpy(), labels=labels.cpu().numpy(), n_classes=config.n_classes,
-                     dataset=ckpt['args']['dataset'], data_dir=ckpt['args']['data_dir'])  # for evaluate.py
+                     dataset=ckpt['args']['dataset'], data_dir=args.data_dir or ckpt['args']['data_dir'])  # for evaluate.py
         print(f'wrote {args.npz}')
     if args.gif and video:  # the videos play side by side: a row per label
         frames = [data.grid_array(images[:, t], args.n_per_class) for t in range(images.shape[1])]

@@ -298,11 +298,11 @@ def test_one_block_is_a_plain_dit():
     assert imgs.shape == (2, 1, 8, 8)
 
 
-@pytest.mark.parametrize("bh, bw", [(1, 4), (2, 2), (1, 1)])
-def test_training_forward_equals_block_by_block_inference(bh, bw):
+@pytest.mark.parametrize("bh, bw, prediction", [(1, 4, "eps"), (2, 2, "eps"), (1, 1, "eps"), (1, 4, "x0")])
+def test_training_forward_equals_block_by_block_inference(bh, bw, prediction):
     """The one SCAM forward used in training predicts, for every block, the same eps as
     inference does block by block with the KV cache of the earlier clean blocks."""
-    config = tiny_config(block_h=bh, block_w=bw)
+    config = tiny_config(block_h=bh, block_w=bw, prediction=prediction, min_snr_gamma=1.0)
     m = randomized(ACDiT(config))
     N, Bl = config.n_blocks, config.block_len
     g = torch.Generator().manual_seed(3)
@@ -398,6 +398,34 @@ def test_training_loss_is_the_per_block_weighted_eps_mse(gamma, monkeypatch):
     assert abs(plain - plain_ref) < 1e-5 * plain_ref
     if gamma > 0:  # some blocks drew a nearly clean t, whose weight is below 1
         assert (drawn["t"] < 100).any() and loss < plain
+
+
+def test_x0_prediction_is_the_clean_tokens_and_its_loss_the_min_snr_x0_mse():
+    """prediction='x0': the network's raw output is the clean tokens, so the eps the model
+    returns implies exactly that x0 (x_t = sqrt(ab) x0 + sqrt(1 - ab) eps), and the Min-SNR-gamma
+    eps loss is, block by block, min(SNR, gamma) times the x0-MSE (eps-MSE = SNR * x0-MSE)."""
+    config = tiny_config(prediction="x0", min_snr_gamma=1.0, label_dropout=0.0)
+    model = randomized(ACDiT(config), dtype=torch.float64).train()
+    raw, drawn = [], {}
+    model.final.register_forward_hook(lambda mod, args, out: raw.append(out))
+    add_noise = model.schedule.add_noise
+    model.schedule.add_noise = lambda x0, t, noise: drawn.update(x0=x0, t=t) or add_noise(x0, t, noise)
+    imgs, labels = torch.rand(4, 1, 8, 8, dtype=torch.float64) * 2 - 1, torch.tensor([0, 1, 2, 0])
+    loss = model.training_loss(imgs, labels).item()
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    total = 0.0
+    for b in range(4):
+        for n in range(config.n_blocks):
+            ab = torch.prod(1 - betas[:drawn["t"][b, n] + 1]).item()
+            blk = slice(n * config.block_len, (n + 1) * config.block_len)
+            total += min(ab / (1 - ab), 1.0) * (raw[-1][b, blk] - drawn["x0"][b, blk]).pow(2).mean().item()
+    assert abs(loss - total / (4 * config.n_blocks)) < 1e-5 * loss  # the loss sums in float32
+    with torch.no_grad():  # sampling: the eps of one block implies the network's x0
+        cache, t = KVCache(config, 4), torch.full((4, 1), 500)
+        xt = torch.randn(4, config.block_len, config.patch_dim, dtype=torch.float64)
+        eps = model.denoise_block(xt, t, labels, cache)
+        ab = torch.prod(1 - betas[:501]).item()
+        assert torch.allclose((xt - (1 - ab) ** 0.5 * eps) / ab ** 0.5, raw[-1], atol=1e-10)
 
 
 def test_ddpm_step_is_the_posterior():

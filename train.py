@@ -53,6 +53,7 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
     'n_heads': (4, 'attention heads (width must be divisible by n_heads)'),
     'rope_base': (100.0, 'RoPE frequency base (100 beat 10000 on the 7x7 MNIST grid)'),
     'min_snr_gamma': (1.0, 'Min-SNR-gamma loss weights (1 beat 2 and 5); 0 = plain eps-MSE as in the paper'),
+    'prediction': ('eps', "the network predicts 'eps' (the noise, as the paper) or 'x0' (the clean tokens)"),
     'label_dropout': (0.1, 'drop the class label this often in training, for classifier-free guidance'),
     # training
     'max_iters': (24000, 'optimizer steps (18-20 minutes on a 2-core AVX-512 CPU with these defaults)'),
@@ -79,7 +80,8 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
 }
 CHOICES = {'dataset': data.DATASETS, 'channels': (0, 1, 3), 'hflip': ('auto', 'True', 'False'),
            'init_from': ('scratch', 'resume'), 'device': ('auto', 'cpu', 'cuda', 'mps'),
-           'dtype': ('float32', 'bfloat16'), 'attn_backend': ('auto', 'flex', 'sdpa'), 'sampler': tuple(acdit.SAMPLERS)}
+           'dtype': ('float32', 'bfloat16'), 'attn_backend': ('auto', 'flex', 'sdpa'), 'sampler': tuple(acdit.SAMPLERS),
+           'prediction': ('eps', 'x0')}
 
 
 def check_args(args):
@@ -122,7 +124,8 @@ def model_config(args, img_size=None, channels=None, n_classes=10):
             img_size=img_size, in_channels=channels, n_frames=n_frames, patch_size=patch,
             block_h=args.block_h or (1 if n_frames == 1 else grid), block_w=args.block_w or grid,
             depth=args.depth, width=args.width, n_heads=args.n_heads, n_classes=n_classes, rope_base=args.rope_base,
-            label_dropout=args.label_dropout, min_snr_gamma=args.min_snr_gamma, attn_backend=args.attn_backend)
+            label_dropout=args.label_dropout, min_snr_gamma=args.min_snr_gamma, prediction=args.prediction,
+            attn_backend=args.attn_backend)
     except AssertionError as e:  # the model's invariants, said in the terms of these options
         raise ConfigError(f'{args.dataset} ({img_size}x{img_size}): {e}') from None
 
@@ -291,8 +294,6 @@ def make_model(config, args, dev, log):
 
 def resume(path, args, config, model, ema, optimizer, log):
     """Load a checkpoint of the same model into model, EMA and optimizer; return its step."""
-    cli.check(os.path.isfile(path), f"no checkpoint at {path} to resume: start with --init_from=scratch "
-                                    f"or point --out_dir at an earlier run")
     ckpt = cli.load_checkpoint(path, next(model.parameters()).device)
     cli.check(isinstance(ckpt, dict) and {'model', 'ema', 'optimizer', 'args', 'model_config', 'iter_num'} <= set(ckpt),
               f'{path} is not a checkpoint train.py can resume: start anew in another --out_dir')
@@ -418,9 +419,8 @@ def main(argv=None):
                     loss = step_model(*get_batch(train_x, train_y, args.batch_size, batch_gen))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                try:  # a non-finite gradient would poison the weights: stop before the update
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf, error_if_nonfinite=True)
-                except RuntimeError:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
+                if not torch.isfinite(grad_norm):  # it would poison the weights: stop before the update
                     print(f'error: the gradients are not finite at iter {it} (loss {loss.item():.4g}); stopping '
                           f'without saving. Resume from the last good {ckpt_path}, if any, with a lower '
                           f'--learning_rate', file=sys.stderr, flush=True)
@@ -453,7 +453,7 @@ def main(argv=None):
                 torch.distributed.destroy_process_group()
     if stop.presses:
         stop.exit(it > start and save, it, ckpt_path, world, sys.argv[1:] if argv is None else argv, log)
-    log(f'done: {it} iters in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}' if it > start else
+    log(f'done: {it - start} iters{f" (iter {start} to {it})" if start else ""} in {fmt_time(time.time() - t_start)}; checkpoint {ckpt_path}' if it > start else
         f'nothing to do: the checkpoint is at iter {start}, max_iters={args.max_iters}')
 
 
