@@ -282,7 +282,7 @@ def make_model(config, args, dev, log):
     torch.manual_seed(args.seed)
     model = acdit.ACDiT(config).to(dev)
     log(f'model: {model.num_params() / 1e6:.2f}M parameters, {config.n_blocks} blocks of {config.block_len} tokens, '
-        f'training sequence {config.seq_len} tokens, attention: {model.backend(dev)}, loss: eps-MSE'
+        f'training sequence {config.seq_len} tokens, attention: {model.backend(dev)}, predicting {config.prediction}, loss: eps-MSE'
         + (f' with Min-SNR-{config.min_snr_gamma:g} weights (eval: the plain eps-MSE)' if config.min_snr_gamma else ''))
     ema = acdit.ACDiT(config).to(dev).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
