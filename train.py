@@ -251,16 +251,18 @@ class StopRequest:
 def setup_processes(args):
     """(ddp, rank, world size, device). torchrun sets RANK and WORLD_SIZE: one process per GPU
     with nccl, or per CPU worker with gloo."""
-    if 'RANK' not in os.environ:
-        return False, 0, 1, cli.pick_device(args.device)
-    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
-    if args.device in ('auto', 'cuda') and torch.cuda.is_available():
+    ddp = 'RANK' in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE')) if ddp else (0, 0, 1)
+    if ddp and args.device in ('auto', 'cuda') and torch.cuda.is_available():
         dev = torch.device(f'cuda:{local_rank}')
         torch.cuda.set_device(dev)
     else:
-        dev = cli.pick_device('cpu' if args.device == 'auto' else args.device)
-    torch.distributed.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
-    return True, rank, world, dev
+        dev = cli.pick_device('cpu' if ddp and args.device == 'auto' else args.device)
+    cli.check(args.attn_backend != 'flex' or dev.type == 'cuda', f"attn_backend='flex' cannot train on {dev.type}"
+              f" (FlexAttention has no backward there): use --attn_backend=sdpa or auto")
+    if ddp:
+        torch.distributed.init_process_group(backend='nccl' if dev.type == 'cuda' else 'gloo')
+    return ddp, rank, world, dev
 
 
 def compiled(step_model, dev, log):
@@ -371,8 +373,6 @@ def main(argv=None):
     check_args(args)
     config = model_config(args) if args.dataset != 'folder' else None  # a folder's shape: once it is read
     ddp, rank, world, dev = setup_processes(args)  # before touching the disk: a bad --device changes nothing
-    cli.check(args.attn_backend != 'flex' or dev.type == 'cuda', f"attn_backend='flex' cannot train on {dev.type}"
-              f" (FlexAttention has no backward there): use --attn_backend=sdpa or auto")
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
     master = rank == 0  # only rank 0 prints and writes files
     log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
