@@ -212,6 +212,13 @@ def test_tradeoff_help_and_the_options_generate_and_evaluate_share(capsys):
         assert gen.CHOICES.get(key) == ev.CHOICES.get(key), key
 
 
+def test_tradeoff_passes_a_bad_option_to_train_and_stops_with_its_one_line(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / 'tradeoff.py'), '--bogus=1', f'--root={tmp_path / "runs"}'],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.count('\n') == 1 and "unknown option 'bogus'" in run.stderr
+    assert list(tmp_path.iterdir()) == []                       # nothing written
+
+
 BAD_OPTIONS = {'train': ['--batch_size=many', '--dataset=imagenet'], 'generate': ['--n_per_class=many'],
                'evaluate': ['--n_per_class=many'], 'bench': ['--reps=many']}
 
