@@ -8,6 +8,7 @@ out_dir = 'out-moving-mnist'
 # train as 240 tokens), a block a whole frame; RoPE's 3 axes are frame, row, column
 prediction = 'x0'   # a token holds 64 pixels: predicting them clean beat predicting the noise
 cfg_scale = 4.0     # the grids' guidance (and generate.py's and evaluate.py's 'auto')
+ema_decay = 0.9999  # capped by the EMA warm-up: an average of about the last tenth of the run (+1 point)
 
 time_budget = 60.0  # minutes from launch to exit (sets max_iters from the warm step time)
 eval_interval = 1000
