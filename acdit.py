@@ -46,7 +46,14 @@ class ACDiTConfig:
                                  # wants a small base (not LLMs' 10000) to keep them all turning
     attn_backend: str = "auto"   # 'flex' (FlexAttention), 'sdpa' (dense mask), 'auto' (flex on CUDA)
 
-    def __post_init__(self):  # the scripts turn a failed assert into a one-line error
+    def __post_init__(self):  # the derived sizes, then the invariants (the scripts turn a failed assert into one line)
+        self.grid = self.img_size // self.patch_size              # patches per side
+        self.block_len = self.block_h * self.block_w              # tokens per block (the paper's B; Bl in shapes)
+        self.n_blocks = self.n_frames * (self.grid // self.block_h) * (self.grid // self.block_w)  # N (video: n_frames)
+        self.patch_dim = self.patch_size ** 2 * self.in_channels  # values per token (P)
+        self.head_dim = self.width // self.n_heads
+        self.n_axes = 2 if self.n_frames == 1 else 3              # RoPE's axes: (row, col), or (frame, row, col)
+        self.seq_len = (2 * self.n_blocks - 1) * self.block_len   # the training sequence, (2N-1)*Bl
         assert self.img_size % self.patch_size == 0, f"patch_size={self.patch_size} must divide img_size={self.img_size}"
         assert self.grid % self.block_h == 0 and self.grid % self.block_w == 0, \
             f"block_h={self.block_h} and block_w={self.block_w} must divide the {self.grid}x{self.grid} patch grid"
@@ -56,34 +63,6 @@ class ACDiTConfig:
         assert self.width % self.n_heads == 0 and self.head_dim % 2 == 0 and self.head_dim >= 2 * self.n_axes, \
             f"width={self.width} / n_heads={self.n_heads} must be an even head dim of at least {2 * self.n_axes}"
 
-    @property
-    def grid(self):        # patches per side
-        return self.img_size // self.patch_size
-
-    @property
-    def n_blocks(self):    # N (for video: n_frames)
-        return self.n_frames * (self.grid // self.block_h) * (self.grid // self.block_w)
-
-    @property
-    def block_len(self):   # tokens per block (the paper's B; Bl in the shape comments)
-        return self.block_h * self.block_w
-
-    @property
-    def patch_dim(self):   # values per token (P)
-        return self.patch_size * self.patch_size * self.in_channels
-
-    @property
-    def head_dim(self):
-        return self.width // self.n_heads
-
-    @property
-    def n_axes(self):      # RoPE's axes: (row, column), or (frame, row, column) for video
-        return 2 if self.n_frames == 1 else 3
-
-    @property
-    def seq_len(self):     # training sequence length (2N-1)*Bl
-        return (2 * self.n_blocks - 1) * self.block_len
-
 # -----------------------------------------------------------------------------
 # 2. Patchify into blocks
 # Tokens are ordered block-major: block 0's tokens (raster order inside the block), then
@@ -92,12 +71,12 @@ class ACDiTConfig:
 
 
 def patchify(imgs, config):
-    """(B, C, H, W) images, or (B, T, C, H, W) videos -> (B, N*Bl, P) tokens, block-major."""
+    """(B, C, H, W) images -> (B, N*Bl, P) tokens, block-major; (B, T, C, H, W) videos of any
+    length T -> (B, T*Bl, P), a block per frame."""
     p, bh, bw, g, C = config.patch_size, config.block_h, config.block_w, config.grid, config.in_channels
-    B = imgs.shape[0]
-    x = imgs.reshape(B * config.n_frames, C, g // bh, bh, p, g // bw, bw, p)
+    x = imgs.reshape(-1, C, g // bh, bh, p, g // bw, bw, p)     # (B*T, C, blocks down, bh, p, ...)
     x = x.permute(0, 2, 5, 3, 6, 4, 7, 1)  # (B*T, blocks down, blocks across, bh, bw, p, p, C)
-    return x.reshape(B, config.n_blocks * config.block_len, config.patch_dim)
+    return x.reshape(imgs.shape[0], -1, config.patch_dim)
 
 
 def unpatchify(tokens, config):
@@ -272,22 +251,23 @@ def apply_rope(x, cos, sin, perm):
     return x * cos.to(x.dtype) + x[..., perm] * sin.to(x.dtype)
 
 
-_compiled_flex = None  # torch.compile(flex_attention), made on first use on CUDA
-
-
 def attend(q, k, v, mask):
     """Scaled dot-product attention, the one place the two backends differ: a BlockMask runs
     FlexAttention, a dense bool mask (or None) runs SDPA."""
     if not isinstance(mask, BlockMask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    global _compiled_flex
-    if torch.compiler.is_compiling():  # inside torch.compile(model): traced and fused already
+    if torch.compiler.is_compiling() or q.device.type != "cuda":  # fused already, or a CPU reference
         return flex_attention(q, k, v, block_mask=mask)
-    if q.device.type != "cuda":  # off CUDA flex is only a correctness reference: run it eagerly
-        warnings.filterwarnings("ignore", message=".*without torch.compile.*")
-        return flex_attention(q, k, v, block_mask=mask)
-    _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)  # eager flex is slow
-    return _compiled_flex(q, k, v, block_mask=mask)
+    return compiled_flex()(q, k, v, block_mask=mask)            # eager flex is slow on CUDA
+
+
+@functools.cache
+def compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+# off CUDA eager flex is only a correctness reference: its "use torch.compile" advice is noise
+warnings.filterwarnings("ignore", message=".*without torch.compile.*")
 
 
 class Attention(nn.Module):
@@ -556,9 +536,6 @@ class KVCache:
         for buf in self.k + self.v:
             buf[:, :, :end - Bl] = buf[:, :, Bl:end].clone()
         self.n_blocks, self.dropped = self.n_blocks - 1, self.dropped + 1
-
-    def nbytes(self):
-        return sum(t.nbytes for t in self.k + self.v if t is not None)
 
 
 @torch.no_grad()

@@ -38,13 +38,13 @@ def run_cli(main):
 
 
 def parse_value(text, default):
-    """--key=text as the type of default: 'true'/'false' for a bool, a number for a number."""
-    if isinstance(default, bool) and text.lower() in ('true', 'false'):
-        return text.lower() == 'true'
+    """--key=text as the type of default ('true'/'false' for a bool); None if it is not one."""
+    if isinstance(default, bool):
+        return {'true': True, 'false': False}.get(text.lower())
     try:
-        return type(default)(text) if not isinstance(default, bool) else None
+        return type(default)(text)
     except ValueError:
-        return None  # put() names the option and the type it wants
+        return None
 
 
 def parse_args(argv, doc, options, choices={}, exclusive=()):
@@ -172,15 +172,16 @@ def load_model(path, weights='ema', device='cpu'):
 def sampling_settings(args, ckpt):
     """(cfg_scale, steps, sampler) from a script's options, 'auto' meaning what the checkpoint's
     run drew its grids with."""
-    run = dict(ckpt['args'], steps=ckpt['args']['sample_steps'])
-    text = {k: str(run[k]) if getattr(args, k) == 'auto' else getattr(args, k) for k in ('cfg_scale', 'steps', 'sampler')}
+    run = ckpt['args']
+    sampler = run['sampler'] if args.sampler == 'auto' else args.sampler
     try:
-        cfg_scale, steps = float(text['cfg_scale']), int(text['steps'])
+        cfg_scale = float(run['cfg_scale'] if args.cfg_scale == 'auto' else args.cfg_scale)
+        steps = int(run['sample_steps'] if args.steps == 'auto' else args.steps)
     except ValueError:
-        raise ConfigError(f"cfg_scale={text['cfg_scale']!r}, steps={text['steps']!r}: expected a number and "
-                          f"an integer, or 'auto'") from None
+        raise ConfigError(f"cfg_scale={args.cfg_scale!r}, steps={args.steps!r}: expected a number and an integer, "
+                          f"or 'auto'") from None
     T = ckpt['model_config']['n_timesteps']
     check(abs(cfg_scale) < float('inf'), f'cfg_scale={cfg_scale} must be finite')
     check(1 <= steps <= T, f'steps={steps} must be in 1..{T} (the diffusion timesteps)')
-    check(text['sampler'] in acdit.SAMPLERS, f"sampler={text['sampler']!r}: choose one of {', '.join(acdit.SAMPLERS)}")
-    return cfg_scale, steps, text['sampler']
+    check(sampler in acdit.SAMPLERS, f"sampler={sampler!r}: choose one of {', '.join(acdit.SAMPLERS)}")
+    return cfg_scale, steps, sampler

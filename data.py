@@ -352,3 +352,14 @@ def save_grid(images, path, nrow=None):
     from PIL import Image  # imported here so that only saving images needs pillow
     array = grid_array(images, nrow or math.ceil(math.sqrt(len(images))))
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
+
+
+def save_gif(frames, path, ms_per_frame=80, hold_last_ms=2000):
+    """uint8 arrays (H, W, C) -> an animated GIF that loops, the last frame held longer."""
+    from PIL import Image  # as in save_grid
+    h, w, c = frames[0].shape
+    scale = max(1, min(256 // min(h, w), 1024 // max(h, w)))  # small grids: nearest-neighbour upscale
+    images = [Image.fromarray(f[:, :, 0] if c == 1 else f).resize((w * scale, h * scale), Image.NEAREST)
+              for f in frames]
+    images[0].save(path, format='GIF', save_all=True, append_images=images[1:], loop=0,
+                   duration=[ms_per_frame] * (len(images) - 1) + [hold_last_ms])

@@ -170,7 +170,7 @@ def judge_predictions(judge, model, digits, labels, K, T, seed, settings, batch=
     each frame ahead scored against the true frame, beside repeating frame K."""
     config, dev = model.config, next(model.parameters()).device
     real = real_videos(digits, T)                                 # (B, T, 1, 32, 32)
-    prefix = acdit.patchify(data.to_float(real[:, :config.n_frames]), config)[:, :K * config.block_len]
+    prefix = acdit.patchify(data.to_float(real), config)[:, :K * config.block_len]
     t0 = time.perf_counter()
     pred = torch.cat([acdit.sample(model, labels[i:i + batch].to(dev), prefix=prefix[i:i + batch].to(dev),
                                    n_frames=T, generator=torch.Generator(dev).manual_seed(seed + i), **settings).cpu()

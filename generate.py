@@ -77,17 +77,6 @@ def mark_generated(images, config, n_given):
     return torch.where(given, rgb(images), tinted)
 
 
-def save_gif(frames, path, ms_per_frame=80, hold_last_ms=2000):
-    """uint8 arrays (H, W, C) -> an animated GIF that loops, the last frame held longer."""
-    from PIL import Image
-    h, w, c = frames[0].shape
-    scale = max(1, min(256 // min(h, w), 1024 // max(h, w)))  # small grids: nearest-neighbour upscale
-    images = [Image.fromarray(f[:, :, 0] if c == 1 else f).resize((w * scale, h * scale), Image.NEAREST)
-              for f in frames]
-    images[0].save(path, format='GIF', save_all=True, append_images=images[1:], loop=0,
-                   duration=[ms_per_frame] * (len(images) - 1) + [hold_last_ms])
-
-
 def main(argv=None):
     args = cli.parse_args(argv, __doc__, OPTIONS, CHOICES)
     if args is None:
@@ -122,8 +111,7 @@ def main(argv=None):
         real = test_x[picks]
         if video:  # each test digit moving as in training (path drawn from --seed), n_total frames
             real = data.moving_mnist(real, torch.Generator().manual_seed(args.seed), frames=n_total)
-        given = real[:, :config.n_frames] if video else real             # patchify takes the trained length
-        prefix = acdit.patchify(data.to_float(given), config)[:, :K * config.block_len]
+        prefix = acdit.patchify(data.to_float(real), config)[:, :K * config.block_len]
         prefix = prefix.repeat_interleave(args.n_per_class, dim=0).to(dev)
         nrow += 1
     else:
@@ -172,7 +160,7 @@ def main(argv=None):
     if args.gif and video:  # the videos play side by side: a row per label
         frames = [data.grid_array(images[:, t], args.n_per_class) for t in range(images.shape[1])]
     if args.gif:
-        save_gif(frames, args.gif, *((200, 600) if video else ()))
+        data.save_gif(frames, args.gif, *((200, 600) if video else ()))
         print(f'wrote {args.gif} ({len(frames)} frames)')
     return images, labels.cpu()
 

@@ -341,7 +341,7 @@ def test_kv_cache_holds_roped_qk_normed_keys():
     assert torch.allclose(cache.k[0][:, :, :3 * Bl], k, atol=1e-5)
     assert torch.allclose(cache.v[0][:, :, :3 * Bl], v, atol=1e-5)
     # buffers for the whole image (N = 4 blocks), allocated once: 1 row, k and v, float32
-    assert cache.nbytes() == 2 * config.depth * config.n_blocks * Bl * config.width * 4
+    assert sum(buf.nbytes for buf in cache.k + cache.v) == 2 * config.depth * config.n_blocks * Bl * config.width * 4
 
 
 # --- DDPM ----------------------------------------------------------------------------
