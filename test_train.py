@@ -702,7 +702,7 @@ def test_ddp_two_cpu_processes_ctrl_c_and_resume(tmp_path):
 def test_time_budget_chooses_max_iters_from_the_warm_step_time(monkeypatch):
     """After 50 steps the clock starts; after 100, max_iters is what fits in the time left, less
     the 5% reserve; then every 500 steps until the decay starts, from the mean step since step
-    100. A fake clock makes the numbers exact (and raises StopIteration if read once too often)."""
+    50. A fake clock makes the numbers exact (and raises StopIteration if read once too often)."""
     clock = iter([110.0, 112.0])  # step 50 at t = 110 s, step 100 at t = 112 s: 40 ms a step
     monkeypatch.setattr(train.time, 'time', lambda: next(clock))
     said = []
@@ -714,14 +714,14 @@ def test_time_budget_chooses_max_iters_from_the_warm_step_time(monkeypatch):
     budget.after_step(100, args)
     assert args.max_iters == 100 + int((120 - 12) * 0.95 / 0.04) == 2665
     assert len(said) == 1 and '2665' in said[0]  # the choice is told
-    # steps 100..500 took 24 s (60 ms each, evals included), so fewer steps fit in the 84 s left
+    # steps 50..500 took 27 s (60 ms each, evals included), so fewer steps fit in the 83 s left
     budget.after_step(101, args), budget.after_step(499, args)
     assert args.max_iters == 2665
-    clock = iter([136.0])
+    clock = iter([137.0])
     budget.after_step(500, args)
-    assert args.max_iters == 500 + int((120 - 36) * 0.95 / 0.06) == 1830
-    budget.after_step(1000, args)  # past the decay's start (915): the choice stays, the clock is not read
-    assert args.max_iters == 1830
+    assert args.max_iters == 500 + int((120 - 37) * 0.95 / 0.06) == 1814
+    budget.after_step(1000, args)  # past the decay's start (907): the choice stays, the clock is not read
+    assert args.max_iters == 1814
     # a budget already spent by the start-up stops right there
     clock = iter([110.0, 112.0])
     late = train.TimeBudget(0.1, 100.0, torch.device('cpu'), False, said.append)

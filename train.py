@@ -325,11 +325,11 @@ def resume(path, args, config, model, ema, optimizer, log):
 
 
 class TimeBudget:
-    """--time_budget: after WARMUP steps (compiling) time the next WARMUP, then choose max_iters so
-    the run ends about `minutes` after launch, RESERVE of the time left kept for evals and grids.
-    Then every RECHECK steps until the decay starts, choose again from the mean time of all steps
-    since (evals included), so a machine that slows down still ends on time. Warmup and stable
-    learning rates do not depend on max_iters (UNCHOSEN until the first choice)."""
+    """--time_budget: time the steps after the first WARMUP (compiling), and from step 2 * WARMUP
+    on, every RECHECK steps until the decay starts, choose max_iters from their mean time (evals
+    included) so that the run ends about `minutes` after launch, RESERVE of the time left kept
+    for evals and grids: a machine that slows down still ends on time. Warmup and stable learning
+    rates do not depend on max_iters (UNCHOSEN until the first choice)."""
     WARMUP, RECHECK, RESERVE, UNCHOSEN = 50, 500, 0.05, 10**9
 
     def __init__(self, minutes, t_launch, dev, ddp, log, start=0):
@@ -339,24 +339,20 @@ class TimeBudget:
     def after_step(self, it, args):
         """Set args.max_iters after step it, if it is a step to choose at."""
         n = it - self.start
-        first = n == 2 * self.WARMUP
-        if not (n == self.WARMUP or first or (n > 2 * self.WARMUP and n % self.RECHECK == 0
-                                              and it < decay_start_iter(args))):
+        if not (n == self.WARMUP or n == 2 * self.WARMUP or (n > 2 * self.WARMUP and n % self.RECHECK == 0
+                                                             and it < decay_start_iter(args))):
             return
         cli.sync(self.dev)
         now = time.time()
         if n == self.WARMUP:
             self.t_warm = now
             return
-        if first:
-            self.step_seconds, self.t_first = (now - self.t_warm) / self.WARMUP, now
-        else:  # every step since the first choice, evals and grids included
-            self.step_seconds = (now - self.t_first) / (n - 2 * self.WARMUP)
-        chosen = [max(it, it + int((self.seconds - now + self.t_launch) * (1 - self.RESERVE) / self.step_seconds))]
+        step_seconds = (now - self.t_warm) / (n - self.WARMUP)
+        chosen = [max(it, it + int((self.seconds - now + self.t_launch) * (1 - self.RESERVE) / step_seconds))]
         if self.ddp:  # every rank runs rank 0's number of steps
             torch.distributed.broadcast_object_list(chosen, src=0)
         if abs(chosen[0] - args.max_iters) > 0.01 * min(chosen[0], args.max_iters):
-            self.log(f'time_budget: {self.step_seconds * 1000:.1f} ms a step, {fmt_time(now - self.t_launch)} '
+            self.log(f'time_budget: {step_seconds * 1000:.1f} ms a step, {fmt_time(now - self.t_launch)} '
                      f'gone, so max_iters={chosen[0]} (checked every {self.RECHECK} steps until the decay)')
         args.max_iters = chosen[0]
 
