@@ -169,9 +169,25 @@ def load_model(path, weights='ema', device='cpu'):
     return model.to(device).eval(), ckpt
 
 
+# -----------------------------------------------------------------------------
+# sampling from a checkpoint: the options generate.py and evaluate.py share
+
+SAMPLING_OPTIONS = {
+    'ckpt': ('out/ckpt.pt', 'checkpoint written by train.py'),
+    'weights': ('ema', "'ema' (the averaged weights train.py samples with) or 'model' (the raw ones)"),
+    'cfg_scale': ('auto', "classifier-free guidance (1 = none); 'auto' = what the run drew its grids with"),
+    'sampler': ('auto', "'ddpm' (ancestral), 'ddim' (deterministic), 'dpm++' (DPM-Solver++(2M)); 'auto' as above"),
+    'steps': ('auto', "denoising steps per block; 'auto' as above"),
+    'seed': (0, 'seeds the noise: the same seed gives the same samples, cached or not'),
+    'n_frames': (0, 'video models: frames per video (0 = the trained length; more slides the cache window)'),
+    'device': ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'"),
+}
+SAMPLING_CHOICES = {'weights': ('ema', 'model'), 'device': ('auto', 'cpu', 'cuda', 'mps')}
+
+
 def sampling_settings(args, ckpt):
-    """(cfg_scale, steps, sampler) from a script's options, 'auto' meaning what the checkpoint's
-    run drew its grids with."""
+    """(cfg_scale, steps, sampler) from SAMPLING_OPTIONS, 'auto' meaning what the checkpoint's run
+    drew its grids with; seed and n_frames checked too."""
     run = ckpt['args']
     sampler = run['sampler'] if args.sampler == 'auto' else args.sampler
     try:
@@ -184,4 +200,6 @@ def sampling_settings(args, ckpt):
     check(abs(cfg_scale) < float('inf'), f'cfg_scale={cfg_scale} must be finite')
     check(1 <= steps <= T, f'steps={steps} must be in 1..{T} (the diffusion timesteps)')
     check(sampler in acdit.SAMPLERS, f"sampler={sampler!r}: choose one of {', '.join(acdit.SAMPLERS)}")
+    check(0 <= args.seed < 2**62, f'seed={args.seed} must be in [0, 2**62)')
+    check(args.n_frames == 0 or ckpt['model_config'].get('n_frames', 1) > 1, f'n_frames={args.n_frames}: only for video models')
     return cfg_scale, steps, sampler

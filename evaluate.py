@@ -25,7 +25,6 @@ rest, and each frame ahead is scored against the true one (class accuracy, the d
 center-of-mass error in pixels, pixel MSE) beside the baseline of repeating the last given frame.
 """
 
-import os
 import time
 
 import numpy as np
@@ -34,25 +33,17 @@ import torch
 import acdit
 import cli
 import data
-from judge import DIGITS, center_of_mass, frame_digits, get_judge, judge_images, misreadings, motion, sample_images
+from judge import center_of_mass, frame_digits, get_judge, judge_images, judged_split, misreadings, motion, sample_images
 
-OPTIONS = {
-    'ckpt': ('out/ckpt.pt', 'checkpoint written by train.py'),
+OPTIONS = {**cli.SAMPLING_OPTIONS,  # ckpt, weights, cfg_scale, sampler, steps, seed, n_frames, device
     'npz': ('', 'if set, judge these images (generate.py --npz) instead of sampling from ckpt'),
     'data_dir': ('', "the dataset (the judge trains on it, FID compares with it); '' = the run's data_dir"),
     'judge': ('auto', "the judge's weights, trained and saved on first use, then reused; 'auto' = judge.pt "
                       "for MNIST, judge_<dataset or folder name>.pt else"),
     'n_per_class': (100, 'samples per class (1000 in all: FID needs a few hundred)'),
-    'cfg_scale': ('auto', "classifier-free guidance; 'auto' = what the run drew its grids with"),
-    'sampler': ('auto', "'ddpm', 'ddim' or 'dpm++'; 'auto' as above"),
-    'steps': ('auto', "denoising steps per block; 'auto' as above"),
-    'seed': (0, 'seeds the sampling noise'),
-    'weights': ('ema', "'ema' (the averaged weights) or 'model' (the raw ones)"),
-    'n_frames': (0, 'video models: frames per video (0 = the trained length; more slides the cache window)'),
     'prefix_blocks': (0, 'video models: K > 0 gives the first K frames of real test videos and judges the rest'),
-    'device': ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'"),
 }
-CHOICES = {'weights': ('ema', 'model'), 'device': ('auto', 'cpu', 'cuda', 'mps')}
+CHOICES = cli.SAMPLING_CHOICES
 
 
 def read_npz(path):
@@ -82,8 +73,9 @@ def main(argv=None):
     if args is None:
         return None
     cli.check(args.n_per_class >= 1, f'n_per_class={args.n_per_class} must be at least 1')
-    cli.check(0 <= args.seed < 2**62, f'seed={args.seed} must be in [0, 2**62)')
-    cli.check(not (args.npz and args.prefix_blocks), 'prefix_blocks: frame prediction samples from --ckpt, not --npz')
+    sampling = [k for k, (d, _) in {**cli.SAMPLING_OPTIONS, 'prefix_blocks': (0, '')}.items() if getattr(args, k) != d]
+    cli.check(not (args.npz and sampling), f"--npz judges the file's images as they are: {', '.join(sampling)} would "
+                                           f"sample from --ckpt (give one or the other)")
     if args.npz:
         images, labels, run = read_npz(args.npz)
         what = f"{args.npz}: {len(images)} {'videos' if images.ndim == 5 else 'images'}"
@@ -91,9 +83,9 @@ def main(argv=None):
     else:
         dev = cli.pick_device(args.device)
         model, ckpt = cli.load_model(args.ckpt, args.weights, dev)
+        cfg_scale, steps, sampler = cli.sampling_settings(args, ckpt)
         run, video = dict(ckpt['args'], n_classes=model.config.n_classes), model.config.n_frames > 1
         channels, size = model.config.in_channels, model.config.img_size
-        cli.check(args.n_frames == 0 or video, f'n_frames={args.n_frames}: only for video models')
         cli.check(args.n_frames == 0 or args.n_frames >= 3, f'n_frames={args.n_frames}: at least 3 (the motion '
                                                             f'check needs two displacements)')
         cli.check(args.prefix_blocks == 0 or video, f'prefix_blocks={args.prefix_blocks}: frame prediction is '
@@ -101,13 +93,9 @@ def main(argv=None):
         most = min(model.config.n_frames, args.n_frames or model.config.n_frames) - 1  # a frame left to predict
         cli.check(0 <= args.prefix_blocks <= most, f'prefix_blocks={args.prefix_blocks} must be in 0..{most} '
                   f'(frames given, fewer than the trained {model.config.n_frames} and those made)')
-        cfg_scale, steps, sampler = cli.sampling_settings(args, ckpt)
     dataset, data_dir, n_classes = run['dataset'], args.data_dir or run['data_dir'] or 'data', run['n_classes']
-    digits = dataset in DIGITS  # the MNIST judge reads them
-    name = os.path.basename(os.path.abspath(data_dir)) if dataset == 'folder' else dataset
-    path = args.judge if args.judge != 'auto' else 'judge.pt' if digits else f'judge_{name}.pt'
-    judge = get_judge(data_dir, path, dataset, size, channels, n_classes)  # before sampling: a bad data_dir fails now
-    test_x, test_y = data.load_dataset('mnist' if digits else dataset, data_dir, 'test', size, channels)
+    judge = get_judge(data_dir, args.judge, dataset, size, channels, n_classes)  # before sampling: a bad data_dir fails now
+    test_x, test_y = judged_split(dataset, data_dir, 'test', size, channels)
     if args.prefix_blocks:
         picks = torch.cat([(test_y == y).nonzero()[:args.n_per_class, 0] for y in range(n_classes)])
         return judge_predictions(judge, model, data.halve(test_x)[picks], test_y[picks], args.prefix_blocks,

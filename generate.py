@@ -28,27 +28,19 @@ import acdit
 import cli
 import data
 
-OPTIONS = {
-    'ckpt': ('out/ckpt.pt', 'checkpoint written by train.py'),
-    'weights': ('ema', "'ema' (the averaged weights train.py samples with) or 'model' (the raw ones)"),
+OPTIONS = {**cli.SAMPLING_OPTIONS,  # ckpt, weights, cfg_scale, sampler, steps, seed, n_frames, device
     'out': ('', "grid PNG, a row per label (or source image, or video); '' = samples.png by the checkpoint"),
     'labels': ('all', "class labels to sample, e.g. 0,1,2, or 'all'"),
     'n_per_class': (10, 'samples per label (per source image with prefix_blocks): the columns of the grid'),
-    'cfg_scale': ('auto', "classifier-free guidance (1 = none); 'auto' = what the run drew its grids with"),
-    'sampler': ('auto', "'ddpm' (ancestral), 'ddim' (deterministic), 'dpm++' (DPM-Solver++(2M)); 'auto' as above"),
-    'steps': ('auto', "denoising steps per block; 'auto' as above"),
-    'seed': (0, 'seeds the noise: the same seed gives the same images, cached or not'),
-    'device': ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'"),
     'use_cache': (True, "keep finished blocks' keys/values in a KV cache; False rebuilds it every step"),
     'npz': ('', 'if set, also save images (N, [T,] H, W, C) uint8 and labels (N,) here (np.savez), for evaluate.py'),
     'gif': ('', 'if set, also save an animated GIF: the generation block by block (for video: the videos)'),
-    'n_frames': (0, 'video models: frames to generate (0 = the trained length; more slides the cache window)'),
     'prefix_blocks': (0, 'K > 0: give the first K blocks of test images (frames of test videos), generate the rest'),
     'sources': (1, 'with prefix_blocks: test images per label, the first of that class in the test set'),
     'indices': ('', "with prefix_blocks: test-set indices to complete instead, e.g. 0,7,42"),
     'data_dir': ('', "where the test images for prefix_blocks are; '' = the training run's data_dir"),
 }
-CHOICES = {'weights': ('ema', 'model'), 'device': ('auto', 'cpu', 'cuda', 'mps')}
+CHOICES = cli.SAMPLING_CHOICES
 
 
 def parse_ints(key, text, low, high):
@@ -84,7 +76,6 @@ def main(argv=None):
     from PIL import Image  # the grid's format comes from its file name
     for key in ('n_per_class', 'sources'):
         cli.check(getattr(args, key) >= 1, f'{key}={getattr(args, key)} must be at least 1')
-    cli.check(0 <= args.seed < 2**63, f'seed={args.seed} must be in [0, 2**63)')
     cli.check(not args.out or os.path.splitext(args.out)[1].lower() in Image.registered_extensions(),
               f'out={args.out!r}: the file name needs an image extension such as .png')
     dev = cli.pick_device(args.device)
@@ -94,7 +85,6 @@ def main(argv=None):
     cfg_scale, steps, sampler = cli.sampling_settings(args, ckpt)
     cli.check(0 <= K < config.n_blocks, f'prefix_blocks={K} must be in 0..{config.n_blocks - 1} (the model has '
                                       f'{config.n_blocks} {unit})')
-    cli.check(args.n_frames == 0 or video, f'n_frames={args.n_frames}: only for video models')
     cli.check(args.n_frames >= 0 and (args.use_cache or args.n_frames <= config.n_frames),
               f'n_frames={args.n_frames}: 0 (the trained length) or more; past the trained {config.n_frames} '
               f'frames only with --use_cache=True (the cache window slides)')

@@ -64,12 +64,20 @@ PHOTO_EPOCHS = 8  # the photo judge's training: it then reads CIFAR-10's test se
 DIGITS = ('mnist', 'moving_mnist')  # the datasets the MNIST judge reads (Moving MNIST: frame by frame)
 
 
-def get_judge(data_dir, path='judge.pt', dataset='mnist', img_size=28, channels=1, n_classes=10):
+def judged_split(dataset, data_dir, split, img_size=28, channels=1):
+    """A split of the images the dataset's judge reads: MNIST's for the digits (of Moving MNIST too)."""
+    return data.load_dataset('mnist' if dataset in DIGITS else dataset, data_dir, split, img_size, channels)
+
+
+def get_judge(data_dir, path='auto', dataset='mnist', img_size=28, channels=1, n_classes=10):
     """The judge for a dataset's images (img_size x img_size, channels, n_classes), trained on
-    first use (seeded) and cached at path. Multithreaded CPU kernels make a retrained judge
-    differ slightly: keep the file to compare numbers."""
-    torch.manual_seed(0)  # the initial weights too: every fresh judge starts the same
+    first use (seeded) and cached at path ('auto': judge.pt for the digits, judge_<dataset or
+    folder name>.pt else). Multithreaded CPU kernels make a retrained judge differ slightly:
+    keep the file to compare numbers."""
     digits = dataset in DIGITS
+    if path == 'auto':
+        path = 'judge.pt' if digits else f"judge_{os.path.basename(os.path.abspath(data_dir)) if dataset == 'folder' else dataset}.pt"
+    torch.manual_seed(0)  # the initial weights too: every fresh judge starts the same
     judge = Judge() if digits else PhotoJudge(channels, n_classes)
     # a photo judge's file says what it read, so that it never judges other images
     trained_on = 'MNIST' if digits else f'{dataset} in {os.path.abspath(data_dir)}, {img_size}x{img_size}x{channels}'
@@ -84,7 +92,7 @@ def get_judge(data_dir, path='judge.pt', dataset='mnist', img_size=28, channels=
             raise cli.ConfigError(f'{path} is not a judge for {trained_on}: pass --judge=another file') from None
         return judge.eval()
     print(f'training the judge classifier (once; cached as {path})', flush=True)
-    x, y = data.load_dataset('mnist' if digits else dataset, data_dir, 'train', img_size, channels)
+    x, y = judged_split(dataset, data_dir, 'train', img_size, channels)
     (train_mnist_judge if digits else train_photo_judge)(judge, x, y)
     cli.save_checkpoint(path, judge.state_dict() if digits else {'trained_on': trained_on, 'weights': judge.state_dict()})
     return judge.eval()

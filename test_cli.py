@@ -435,8 +435,8 @@ def test_autocast_context_is_float32_on_cpu():
 # -----------------------------------------------------------------------------
 # sampling settings: 'auto' means what the checkpoint's run drew its grids with
 
-def opts(cfg_scale='auto', steps='auto', sampler='auto'):
-    return types.SimpleNamespace(cfg_scale=cfg_scale, steps=steps, sampler=sampler)
+def opts(cfg_scale='auto', steps='auto', sampler='auto', seed=0, n_frames=0):
+    return types.SimpleNamespace(cfg_scale=cfg_scale, steps=steps, sampler=sampler, seed=seed, n_frames=n_frames)
 
 
 def run_ckpt(cfg_scale=1.5, sample_steps=4, sampler='ddim', n_timesteps=1000):

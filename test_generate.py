@@ -713,8 +713,7 @@ def test_evaluate_judges_an_npz_from_generate(ckpt, tmp_path, mnist_test, monkey
     cli.save_checkpoint(str(judge_path), judge.Judge().state_dict())
     monkeypatch.setattr(data, 'load_dataset', lambda *a: (test_x, test_y))
     capsys.readouterr()
-    acc, fid, real_acc, real_fid = evaluate.main([f'--npz={npz}', f'--data_dir={MNIST_DIR}', f'--judge={judge_path}',
-                                                  f'--ckpt={tmp_path / "no-checkpoint.pt"}'])
+    acc, fid, real_acc, real_fid = evaluate.main([f'--npz={npz}', f'--data_dir={MNIST_DIR}', f'--judge={judge_path}'])
     out = capsys.readouterr().out
     j = judge.get_judge(str(MNIST_DIR), str(judge_path))
     with np.load(npz) as f:
@@ -932,6 +931,9 @@ def test_frame_prediction_is_judged_against_the_true_frames(video_ckpt, tmp_path
 def test_frame_prediction_is_for_video_models_and_checkpoints(ckpt, tmp_path):
     refuses(evaluate.main, [f'--ckpt={ckpt}', '--prefix_blocks=1'], 'prefix_blocks', untouched=[tmp_path])
     refuses(evaluate.main, [f'--npz={tmp_path / "x.npz"}', '--prefix_blocks=1'], 'prefix_blocks', untouched=[tmp_path])
+    # so is any other option of sampling from a checkpoint: it would be ignored
+    for arg in ('--cfg_scale=3', f'--ckpt={tmp_path / "ckpt.pt"}', '--n_frames=12'):
+        refuses(evaluate.main, [f'--npz={tmp_path / "x.npz"}', arg], arg[2:].split('=')[0], untouched=[tmp_path])
 
 
 # -----------------------------------------------------------------------------
