@@ -153,8 +153,6 @@ def table(rows):
 
 def main(argv=None):
     args = cli.parse_args(argv, __doc__, OPTIONS, {'device': ('auto', 'cpu', 'cuda', 'mps')})
-    if args is None:
-        return None
     if args.quick:
         args.sample_batches, args.batch_size, args.steps = '2', 2, 2
     try:

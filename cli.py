@@ -52,10 +52,10 @@ def parse_args(argv, doc, options, choices={}, exclusive=()):
     config files (plain Python assigning keys) and --key=value arguments in the order given. Of
     each `exclusive` pair of keys the one set later wins (setting one resets the other)."""
     argv = sys.argv[1:] if argv is None else argv
-    if '-h' in argv or '--help' in argv:
+    if '-h' in argv or '--help' in argv:  # print the script's docstring and options, and exit
         print(doc.strip() + '\n\noptions (config files and --key=value override them):')
         print('\n'.join(f'  --{k}={d!r}'.ljust(32) + f'  {h}' for k, (d, h) in options.items()))
-        return None
+        sys.exit(0)
     defaults = {k: d for k, (d, _) in options.items()}
     args = dict(defaults)
 

@@ -71,8 +71,6 @@ def mark_generated(images, config, n_given):
 
 def main(argv=None):
     args = cli.parse_args(argv, __doc__, OPTIONS, CHOICES)
-    if args is None:
-        return None
     from PIL import Image  # the grid's format comes from its file name
     for key in ('n_per_class', 'sources'):
         cli.check(getattr(args, key) >= 1, f'{key}={getattr(args, key)} must be at least 1')

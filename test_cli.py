@@ -77,14 +77,18 @@ def test_argv_none_reads_the_command_line(monkeypatch):
 
 
 def test_help_lists_each_option_with_its_default(capsys):
-    assert parse(['--help']) is None
+    with pytest.raises(SystemExit) as e:
+        parse(['--help'])
+    assert e.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith('Doc.')
     lines = out.splitlines()
     for key, (default, help_) in OPTIONS.items():
         line = next((ln for ln in lines if ln.startswith(f'  --{key}={default!r} ')), None)
         assert line is not None and help_ in line, (key, out)
-    assert parse(['--count=bad', '-h']) is None  # help wins over anything else given
+    with pytest.raises(SystemExit) as e:
+        parse(['--count=bad', '-h'])  # help wins over anything else given
+    assert e.value.code == 0
     assert capsys.readouterr().out.startswith('Doc.')
 
 

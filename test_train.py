@@ -247,7 +247,9 @@ def assert_same_state(a, b, path='ckpt'):
 # bad input: one line on stderr, exit status 2, nothing written
 
 def test_main_help(capsys):
-    assert train.main(['-h']) is None
+    with pytest.raises(SystemExit) as e:
+        train.main(['-h'])
+    assert e.value.code == 0
     out = capsys.readouterr().out
     assert all(f'--{k}={d!r}' in out for k, d in DEFAULTS.items())
 

@@ -364,8 +364,6 @@ def fmt_time(seconds):
 def main(argv=None):
     t_launch = time.time()  # a time budget counts from here: loading and compiling are part of it
     args = cli.parse_args(argv, __doc__, OPTIONS, CHOICES, exclusive=[('max_iters', 'time_budget')])
-    if args is None:
-        return  # --help was printed
     check_args(args)
     config = model_config(args) if args.dataset != 'folder' else None  # a folder's shape: once it is read
     ddp, rank, world, dev = setup_processes(args)  # before touching the disk: a bad --device changes nothing
