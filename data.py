@@ -165,6 +165,9 @@ def _load_mnist(data_dir, split):
 
 def _load_cifar10(data_dir, split):
     path = os.path.join(data_dir, CIFAR10_ARCHIVE)
+    if not os.path.exists(path) and os.path.isdir(os.path.join(data_dir, 'train')):  # not a place to download to
+        raise DataError(f"{data_dir} holds a train/ folder, not {CIFAR10_ARCHIVE}: for images in class folders "
+                        f"pass --dataset=folder")
     archive = _load_file(CIFAR10_ARCHIVE, path, False, CIFAR10_URLS, (
         f"Place {CIFAR10_ARCHIVE} (the 'CIFAR-10 python version', not extracted) in the directory "
         f"{os.path.abspath(data_dir)}, e.g. from {CIFAR10_URLS[0]}, or set --data_dir to where it is."))
@@ -249,7 +252,8 @@ def _load_folder(data_dir, split, img_size=0, channels=0):
     classes = _class_folders(train) if os.path.isdir(train) else []
     if len(classes) < 2:
         raise DataError(f"{train}: {'one class folder (' + classes[0] + ')' if classes else 'no class folders'}; "
-                        f"expected {os.path.join(train, '<class>', '<image>')} for at least two classes")
+                        f"expected {os.path.join(train, '<class>', '<image>')} for at least two classes "
+                        f"(or set --data_dir)")
     test = os.path.join(data_dir, 'test')
     if split == 'test' and os.path.isdir(test):
         return _decode_folder(test, classes, img_size, channels, every_class=False)

@@ -70,10 +70,8 @@ def read_npz(path):
 
 def main(argv=None):
     args = cli.parse_args(argv, __doc__, OPTIONS, CHOICES)
-    if args is None:
-        return None
     cli.check(args.n_per_class >= 1, f'n_per_class={args.n_per_class} must be at least 1')
-    sampling = [k for k, (d, _) in {**cli.SAMPLING_OPTIONS, 'prefix_blocks': (0, '')}.items() if getattr(args, k) != d]
+    sampling = [k for k in (*cli.SAMPLING_OPTIONS, 'n_per_class', 'prefix_blocks') if getattr(args, k) != OPTIONS[k][0]]
     cli.check(not (args.npz and sampling), f"--npz judges the file's images as they are: {', '.join(sampling)} would "
                                            f"sample from --ckpt (give one or the other)")
     if args.npz:

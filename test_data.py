@@ -444,6 +444,16 @@ def write_folder(root, classes, n=3, size=(8, 8), mode='L', ext='.png'):
     return values
 
 
+def test_cifar10_pointed_at_class_folders_says_to_use_folder(tmp_path, monkeypatch):
+    """A CIFAR-10 copy in class folders read as --dataset=cifar10: one line pointing at folder, and no
+    download into the image folder."""
+    write_folder(tmp_path / 'train', ['cat', 'dog'])
+    monkeypatch.setattr(data, 'download', lambda url, path: pytest.fail('downloaded'))
+    with pytest.raises(DataError, match='--dataset=folder'):
+        data.load_dataset('cifar10', str(tmp_path), 'train')
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['train']
+
+
 def test_folder_labels_are_the_sorted_class_names(tmp_path, capsys):
     want = write_folder(tmp_path / 'train', ['cat', 'ant', 'bee'])
     want_test = write_folder(tmp_path / 'test', ['bee', 'ant'], n=1)  # a test split may lack classes

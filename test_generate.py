@@ -454,7 +454,9 @@ def test_cli_errors_are_one_line_with_exit_status_2(ckpt, tmp_path):
 
 def test_help(capsys):
     for module in (generate, bench, evaluate):
-        assert module.main(['-h']) is None
+        with pytest.raises(SystemExit) as e:
+            module.main(['-h'])
+        assert e.value.code == 0
         out = capsys.readouterr().out
         assert out.startswith(module.__doc__.strip().splitlines()[0]), module.__name__
         for key, (default, help_text) in module.OPTIONS.items():
@@ -932,7 +934,7 @@ def test_frame_prediction_is_for_video_models_and_checkpoints(ckpt, tmp_path):
     refuses(evaluate.main, [f'--ckpt={ckpt}', '--prefix_blocks=1'], 'prefix_blocks', untouched=[tmp_path])
     refuses(evaluate.main, [f'--npz={tmp_path / "x.npz"}', '--prefix_blocks=1'], 'prefix_blocks', untouched=[tmp_path])
     # so is any other option of sampling from a checkpoint: it would be ignored
-    for arg in ('--cfg_scale=3', f'--ckpt={tmp_path / "ckpt.pt"}', '--n_frames=12'):
+    for arg in ('--cfg_scale=3', f'--ckpt={tmp_path / "ckpt.pt"}', '--n_frames=12', '--n_per_class=5'):
         refuses(evaluate.main, [f'--npz={tmp_path / "x.npz"}', arg], arg[2:].split('=')[0], untouched=[tmp_path])
 
 
