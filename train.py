@@ -285,7 +285,9 @@ def make_model(config, args, dev, log):
     model = acdit.ACDiT(config).to(dev)
     log(f'model: {model.num_params() / 1e6:.2f}M parameters, {config.n_blocks} blocks of {config.block_len} tokens, '
         f'training sequence {config.seq_len} tokens, attention: {model.backend(dev)}, predicting {config.prediction}, loss: eps-MSE'
-        + (f' with Min-SNR-{config.min_snr_gamma:g} weights (eval: the plain eps-MSE)' if config.min_snr_gamma else ''))
+        + (f' with Min-SNR-{config.min_snr_gamma:g} weights (eval: the plain eps-MSE)' if config.min_snr_gamma else '')
+        + ('; x0 is scored as the eps it implies, whose error near t = 0 is 100x that of x0, so an early '
+           'test loss far above the training loss is expected' if config.prediction == 'x0' else ''))
     ema = acdit.ACDiT(config).to(dev).requires_grad_(False)
     ema.load_state_dict(model.state_dict())
     # fused AdamW: one kernel for all parameters (the per-tensor loop costs ~8% of a CPU step at batch 8)
