@@ -256,7 +256,10 @@ def attend(q, k, v, mask):
     FlexAttention, a dense bool mask (or None) runs SDPA."""
     if not isinstance(mask, BlockMask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if torch.compiler.is_compiling() or q.device.type != "cuda":  # fused already, or a CPU reference
+    if torch.compiler.is_compiling():  # inside torch.compile(model): traced and fused already
+        return flex_attention(q, k, v, block_mask=mask)
+    if q.device.type != "cuda":  # off CUDA flex is only a correctness reference: run it eagerly, quietly
+        warnings.filterwarnings("ignore", message=".*without torch.compile.*")
         return flex_attention(q, k, v, block_mask=mask)
     return compiled_flex()(q, k, v, block_mask=mask)            # eager flex is slow on CUDA
 
@@ -264,10 +267,6 @@ def attend(q, k, v, mask):
 @functools.cache
 def compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
-
-
-# off CUDA eager flex is only a correctness reference: its "use torch.compile" advice is noise
-warnings.filterwarnings("ignore", message=".*without torch.compile.*")
 
 
 class Attention(nn.Module):
