@@ -46,7 +46,7 @@ class ACDiTConfig:
                                  # wants a small base (not LLMs' 10000) to keep them all turning
     attn_backend: str = "auto"   # 'flex' (FlexAttention), 'sdpa' (dense mask), 'auto' (flex on CUDA)
 
-    def __post_init__(self):  # the derived sizes, then the invariants (the scripts turn a failed assert into one line)
+    def __post_init__(self):  # the derived sizes (dataclasses.replace derives them anew), then the invariants
         self.grid = self.img_size // self.patch_size              # patches per side
         self.block_len = self.block_h * self.block_w              # tokens per block (the paper's B; Bl in shapes)
         self.n_blocks = self.n_frames * (self.grid // self.block_h) * (self.grid // self.block_w)  # N (video: n_frames)
@@ -71,9 +71,10 @@ class ACDiTConfig:
 
 
 def patchify(imgs, config):
-    """(B, C, H, W) images -> (B, N*Bl, P) tokens, block-major; (B, T, C, H, W) videos of any
-    length T -> (B, T*Bl, P), a block per frame."""
+    """(B, C, H, W) images -> (B, N*Bl, P) tokens, block-major; for a video model, (B, T, C, H, W)
+    videos of any length T -> (B, T*Bl, P), a block per frame."""
     p, bh, bw, g, C = config.patch_size, config.block_h, config.block_w, config.grid, config.in_channels
+    assert imgs.shape[-3:] == (C, config.img_size, config.img_size) and imgs.ndim == (4 if config.n_frames == 1 else 5)
     x = imgs.reshape(-1, C, g // bh, bh, p, g // bw, bw, p)     # (B*T, C, blocks down, bh, p, ...)
     x = x.permute(0, 2, 5, 3, 6, 4, 7, 1)  # (B*T, blocks down, blocks across, bh, bw, p, p, C)
     return x.reshape(imgs.shape[0], -1, config.patch_dim)
@@ -114,11 +115,11 @@ def token_coords(config, pos):
 
 def scam_mask_mod(n_blocks, block_len):
     """SCAM as a FlexAttention mask_mod(b, h, q_idx, kv_idx) -> True where q may attend to kv."""
-    n_clean = (n_blocks - 1) * block_len  # positions before this are clean, from here noised
+    clean_len = (n_blocks - 1) * block_len  # positions before this are clean, from here noised
 
     def block_of(idx):  # (is_noised, block id) of a sequence position
-        noised = idx >= n_clean
-        return noised, torch.where(noised, idx - n_clean, idx) // block_len
+        noised = idx >= clean_len
+        return noised, torch.where(noised, idx - clean_len, idx) // block_len
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_noised, q_blk = block_of(q_idx)
@@ -420,15 +421,15 @@ class ACDiT(nn.Module):
         noised (B, N*Bl, P) all N blocks, each at its timestep t (B, N); clean (B, (N-1)*Bl, P)
         the clean blocks 0..N-2 (None when N = 1); y (B,) labels. Returns (B, N*Bl, P)."""
         config, Bl = self.config, self.config.block_len
-        n_clean = config.n_blocks - 1
+        n_clean_blocks = config.n_blocks - 1
         assert noised.shape[1] == config.n_blocks * Bl and t.shape[1] == config.n_blocks
-        tokens = torch.cat([clean, noised], dim=1) if n_clean else noised      # (B, (2N-1)*Bl, P)
+        tokens = torch.cat([clean, noised], dim=1) if n_clean_blocks else noised      # (B, (2N-1)*Bl, P)
         # clean and noised copies of a block share its positions
-        pos = torch.cat([torch.arange(n_clean * Bl), torch.arange(config.n_blocks * Bl)]).to(noised.device)
+        pos = torch.cat([torch.arange(n_clean_blocks * Bl), torch.arange(config.n_blocks * Bl)]).to(noised.device)
         mask = scam_mask(config.n_blocks, Bl, noised.device, self.backend(noised.device))
         cond = self.condition(t, y)
-        x = self.run(tokens, cond, n_clean, pos, mask)
-        return self.as_eps(self.final(x[:, n_clean * Bl:], cond), noised, t)  # (B, N*Bl, P)
+        x = self.run(tokens, cond, n_clean_blocks, pos, mask)
+        return self.as_eps(self.final(x[:, n_clean_blocks * Bl:], cond), noised, t)  # (B, N*Bl, P)
 
     def denoise_block(self, x, t, y, cache):
         """Sampling: eps for the next block x (B, Bl, P) at timestep t (B, 1), attending to
@@ -455,13 +456,13 @@ class ACDiT(nn.Module):
         their per-layer K/V in the cache. Several blocks go in one pass, block-causal among
         themselves (SCAM's clean rows), attending to the cache as well."""
         Bl, n = self.config.block_len, tokens.shape[1] // self.config.block_len
-        assert tokens.shape[1] == n * Bl and cache.n_blocks + n <= cache.capacity
+        assert tokens.shape[1] == n * Bl and cache.n_cached + n <= cache.capacity
         if n == 0:
             return
         mask = None  # one block sees the whole cache and itself
         if n > 1:    # SCAM's clean rows for the new blocks, over every clean block up to them
-            slots = torch.arange(cache.n_blocks * Bl, (cache.n_blocks + n) * Bl, device=tokens.device)
-            kv = torch.arange((cache.n_blocks + n) * Bl, device=tokens.device)
+            slots = torch.arange(cache.n_cached * Bl, (cache.n_cached + n) * Bl, device=tokens.device)
+            kv = torch.arange((cache.n_cached + n) * Bl, device=tokens.device)
             mask = scam_mask_mod(self.config.n_blocks, Bl)(None, None, slots[:, None], kv[None, :])
         no_cond = tokens.new_zeros(tokens.shape[0], 0, self.config.width)  # no noised blocks
         self.run(tokens, no_cond, n, cache.positions(n * Bl, tokens.device), mask, cache)
@@ -498,43 +499,43 @@ class KVCache:
     positions. The buffers hold N blocks, written in place: a denoising step writes its block's
     K/V after the committed ones (cat) and attends to a view; commit overwrites that slot."""
 
-    def __init__(self, config, rows):
-        self.rows, self.block_len = rows, config.block_len  # rows: the buffers' batch rows
+    def __init__(self, config):
+        self.block_len = config.block_len
         self.capacity = config.n_blocks - 1  # committed blocks at most: the last block is never attended
-        self.n_blocks = 0                    # committed blocks held
+        self.n_cached = 0                    # committed blocks held
         self.dropped = 0                     # blocks slid out of the front (video past its length)
-        self.k, self.v = [None] * config.depth, [None] * config.depth   # per layer: (rows, H, N*Bl, hd)
+        self.k, self.v = [None] * config.depth, [None] * config.depth   # per layer: (B, H, N*Bl, hd)
 
     def positions(self, n_tokens, device):
         """Positions (n_tokens,) of the tokens after the held blocks; past a slid window they
         count on, so a new frame's offset to every kept frame is one seen in training."""
-        start = (self.dropped + self.n_blocks) * self.block_len
+        start = (self.dropped + self.n_cached) * self.block_len
         return torch.arange(start, start + n_tokens, device=device)
 
     def cat(self, layer, k, v):
         """Layer's held keys/values followed by k, v (B, H, L, hd), written after them in place:
-        views (B, H, n_blocks*Bl + L, hd). They stay only once keep() counts them."""
-        if self.k[layer] is None:
-            shape = (self.rows, k.shape[1], (self.capacity + 1) * self.block_len, k.shape[3])
+        views (B, H, n_cached*Bl + L, hd). They stay only once keep() counts them."""
+        if self.k[layer] is None:  # allocated on first use, in k's batch size, dtype and device
+            shape = (k.shape[0], k.shape[1], (self.capacity + 1) * self.block_len, k.shape[3])
             self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
-        B, start = k.shape[0], self.n_blocks * self.block_len  # B may be fewer rows than the buffer's
+        start = self.n_cached * self.block_len
         end = start + k.shape[2]
-        self.k[layer][:B, :, start:end], self.v[layer][:B, :, start:end] = k, v
-        return self.k[layer][:B, :, :end], self.v[layer][:B, :, :end]
+        self.k[layer][:, :, start:end], self.v[layer][:, :, start:end] = k, v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def keep(self, n):
         """Count the n blocks just written by cat() as committed."""
-        self.n_blocks += n
+        self.n_cached += n
 
     def drop_oldest(self):
         """Forget the oldest block: how a video goes past its trained length. Kept keys keep their
         RoPE rotations and new blocks count positions on, so every query-key offset is one seen in
         training. (Past the first layer kept keys still carry what they saw of the dropped frames.)"""
-        assert self.n_blocks > 0
-        end, Bl = self.n_blocks * self.block_len, self.block_len
+        assert self.n_cached > 0
+        end, Bl = self.n_cached * self.block_len, self.block_len
         for buf in self.k + self.v:
             buf[:, :, :end - Bl] = buf[:, :, Bl:end].clone()
-        self.n_blocks, self.dropped = self.n_blocks - 1, self.dropped + 1
+        self.n_cached, self.dropped = self.n_cached - 1, self.dropped + 1
 
 
 @torch.no_grad()
@@ -566,7 +567,7 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
         return (torch.cat([x, x]) if guided else x).to(weight.dtype)
 
     def cache_of(blocks):  # a cache holding the clean blocks, filled in one pass
-        cache = KVCache(config, len(y))
+        cache = KVCache(config)
         model.commit(rows(blocks), cache)
         return cache
 
@@ -589,7 +590,7 @@ def sample(model, labels, cfg_scale=2.0, sampler="ddpm", steps=50, generator=Non
                 callback(i, s, clean, x, x0)
         clean = torch.cat([clean, x], dim=1)                      # (B, (i+1)*Bl, P)
         if use_cache and i < n_total - 1:                         # the last block is never attended
-            if cache.n_blocks == cache.capacity:                  # full: slide the window on
+            if cache.n_cached == cache.capacity:                  # full: slide the window on
                 cache.drop_oldest()
             model.commit(rows(x), cache)
     return unpatchify(clean, config)

@@ -312,7 +312,7 @@ def test_training_forward_equals_block_by_block_inference(bh, bw, prediction):
     y = torch.tensor([2, 0])
     with torch.no_grad():
         train_eps = m(xt, t, y, clean=x0[:, :(N - 1) * Bl])
-        cache = KVCache(config, 2)
+        cache = KVCache(config)
         for i in range(N):
             blk = slice(i * Bl, (i + 1) * Bl)
             eps_i = m.denoise_block(xt[:, blk], t[:, i:i + 1], y, cache)
@@ -328,7 +328,7 @@ def test_kv_cache_holds_roped_qk_normed_keys():
     m = randomized(ACDiT(config))
     Bl = config.block_len
     x0 = torch.randn(1, 3 * Bl, config.patch_dim)
-    cache = KVCache(config, 1)
+    cache = KVCache(config)
     with torch.no_grad():
         for i in range(3):
             m.commit(x0[:, i * Bl:(i + 1) * Bl], cache)
@@ -337,7 +337,7 @@ def test_kv_cache_holds_roped_qk_normed_keys():
         h = m.blocks[0].norm1(m.patch_embed(x0))
         q, k, v = attn.qkv(h).view(1, 3 * Bl, 3, config.n_heads, config.head_dim).permute(2, 0, 3, 1, 4)
         k = acdit.apply_rope(attn.k_norm(k), *acdit.rope(config, torch.arange(3 * Bl)))
-    assert cache.n_blocks == 3
+    assert cache.n_cached == 3
     assert torch.allclose(cache.k[0][:, :, :3 * Bl], k, atol=1e-5)
     assert torch.allclose(cache.v[0][:, :, :3 * Bl], v, atol=1e-5)
     # buffers for the whole image (N = 4 blocks), allocated once: 1 row, k and v, float32
@@ -421,7 +421,7 @@ def test_x0_prediction_is_the_clean_tokens_and_its_loss_the_min_snr_x0_mse():
             total += min(ab / (1 - ab), 1.0) * (raw[-1][b, blk] - drawn["x0"][b, blk]).pow(2).mean().item()
     assert abs(loss - total / (4 * config.n_blocks)) < 1e-5 * loss  # the loss sums in float32
     with torch.no_grad():  # sampling: the eps of one block implies the network's x0
-        cache, t = KVCache(config, 4), torch.full((4, 1), 500)
+        cache, t = KVCache(config), torch.full((4, 1), 500)
         xt = torch.randn(4, config.block_len, config.patch_dim, dtype=torch.float64)
         eps = model.denoise_block(xt, t, labels, cache)
         ab = torch.prod(1 - betas[:501]).item()
@@ -529,16 +529,16 @@ def test_one_pass_prefill_builds_the_cache_of_one_block_commits():
     m = randomized(ACDiT(config), dtype=torch.float64)
     Bl, K = config.block_len, config.n_blocks - 1
     x0 = torch.randn(2, K * Bl, config.patch_dim, dtype=torch.float64)
-    one, each = KVCache(config, 2), KVCache(config, 2)
+    one, each = KVCache(config), KVCache(config)
     m.commit(x0, one)
     for i in range(K):
         m.commit(x0[:, i * Bl:(i + 1) * Bl], each)
-    assert one.n_blocks == each.n_blocks == K
+    assert one.n_cached == each.n_cached == K
     for layer in range(config.depth):
         for a, b in ((one.k[layer], each.k[layer]), (one.v[layer], each.v[layer])):
             assert torch.allclose(a[:, :, :K * Bl], b[:, :, :K * Bl], atol=1e-12)
     # and a later block's commit on top of a 2-block prefill agrees too
-    two = KVCache(config, 2)
+    two = KVCache(config)
     m.commit(x0[:, :2 * Bl], two)
     m.commit(x0[:, 2 * Bl:], two)
     assert torch.allclose(two.k[1][:, :, :K * Bl], each.k[1][:, :, :K * Bl], atol=1e-12)
@@ -549,7 +549,7 @@ def test_cache_halves_agree_under_guidance():
     config = tiny_config()
     m = randomized(ACDiT(config))
     x = torch.randn(3, 2 * config.block_len, config.patch_dim)
-    cache = KVCache(config, 6)
+    cache = KVCache(config)
     m.commit(torch.cat([x, x]), cache)
     k = cache.k[-1][:, :, :2 * config.block_len]
     assert torch.equal(k[:3], k[3:])
@@ -718,7 +718,7 @@ def test_video_training_forward_equals_frame_by_frame_inference():
     y = torch.tensor([2, 0])
     with torch.no_grad():
         train_eps = m(xt, t, y, clean=x0[:, :(N - 1) * Bl])
-        cache = KVCache(config, 2)
+        cache = KVCache(config)
         for i in range(N):
             frame = slice(i * Bl, (i + 1) * Bl)
             eps_i = m.denoise_block(xt[:, frame], t[:, i:i + 1], y, cache)
@@ -788,11 +788,11 @@ def test_drop_oldest_slides_the_window():
     """drop_oldest moves the kept blocks' keys to the front, unchanged (they keep their RoPE
     rotations), and the next block's positions count on past the dropped one."""
     m = randomized(ACDiT(video_config()), dtype=torch.float64)
-    cache = KVCache(m.config, 1)
+    cache = KVCache(m.config)
     m.commit(torch.randn(1, 3 * 4, 4, dtype=torch.float64), cache)
     k = cache.k[0][:, :, 4:12].clone()
     cache.drop_oldest()
-    assert (cache.n_blocks, cache.dropped) == (2, 1) and torch.equal(cache.k[0][:, :, :8], k)
+    assert (cache.n_cached, cache.dropped) == (2, 1) and torch.equal(cache.k[0][:, :, :8], k)
     assert torch.equal(cache.positions(4, "cpu"), torch.arange(12, 16))
     # within the trained length the uncached reference makes short videos too
     assert acdit.sample(m, [0], steps=2, n_frames=2, use_cache=False).shape == (1, 2, 1, 4, 4)
