@@ -27,7 +27,7 @@ import acdit
 import cli
 
 OPTIONS = {
-    'device': ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'"),
+    'device': cli.DEVICE_OPTION,
     'quick': (False, 'tiny models (depth 1, width 32), sample_batches 2, batch_size 2, steps 2: seconds'),
     'sample_batches': ('8,100', "images per sampling call, one group of rows each (100: generate.py's default)"),
     'batch_size': (8, 'images per training step'),
@@ -152,7 +152,7 @@ def table(rows):
 
 
 def main(argv=None):
-    args = cli.parse_args(argv, __doc__, OPTIONS, {'device': ('auto', 'cpu', 'cuda', 'mps')})
+    args = cli.parse_args(argv, __doc__, OPTIONS, {'device': cli.DEVICES})
     if args.quick:
         args.sample_batches, args.batch_size, args.steps = '2', 2, 2
     try:

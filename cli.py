@@ -96,6 +96,10 @@ def parse_args(argv, doc, options, choices={}, exclusive=()):
 # device
 
 
+DEVICE_OPTION = ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'")  # every script's --device
+DEVICES = ('auto', 'cpu', 'cuda', 'mps')
+
+
 def pick_device(name):
     """'auto' -> cuda, else mps, else cpu; otherwise the device asked for, if it is there."""
     has = {'cuda': torch.cuda.is_available(), 'mps': torch.backends.mps.is_available(), 'cpu': True}
@@ -180,9 +184,9 @@ SAMPLING_OPTIONS = {
     'steps': ('auto', "denoising steps per block; 'auto' as above"),
     'seed': (0, 'seeds the noise: the same seed gives the same samples, cached or not'),
     'n_frames': (0, 'video models: frames per video (0 = the trained length; more slides the cache window)'),
-    'device': ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'"),
+    'device': DEVICE_OPTION,
 }
-SAMPLING_CHOICES = {'weights': ('ema', 'model'), 'device': ('auto', 'cpu', 'cuda', 'mps')}
+SAMPLING_CHOICES = {'weights': ('ema', 'model'), 'device': DEVICES}
 
 
 def sampling_settings(args, ckpt):

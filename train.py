@@ -73,13 +73,13 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
     'sample_steps': (50, 'denoising steps per block'),
     # system
     'seed': (1337, "every step's batch, timesteps and noise are drawn from (seed, process rank, step)"),
-    'device': ('auto', "'auto' (cuda, else mps, else cpu), 'cpu', 'cuda' or 'mps'"),
+    'device': cli.DEVICE_OPTION,
     'dtype': ('bfloat16', "'float32' or 'bfloat16' (bfloat16 autocast on CUDA only; float32 elsewhere)"),
     'compile': (True, 'torch.compile the training step: ~45 s to start, then ~1.2x faster on a 2-core CPU'),
     'attn_backend': ('auto', "'auto' (flex on CUDA, else sdpa), 'flex' (FlexAttention) or 'sdpa' (dense mask)"),
 }
 CHOICES = {'dataset': data.DATASETS, 'channels': (0, 1, 3), 'hflip': ('auto', 'True', 'False'),
-           'init_from': ('scratch', 'resume'), 'device': ('auto', 'cpu', 'cuda', 'mps'),
+           'init_from': ('scratch', 'resume'), 'device': cli.DEVICES,
            'dtype': ('float32', 'bfloat16'), 'attn_backend': ('auto', 'flex', 'sdpa'), 'sampler': tuple(acdit.SAMPLERS),
            'prediction': ('eps', 'x0')}
 
