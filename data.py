@@ -104,6 +104,9 @@ def _load_file(name, path, gz, urls, howto):
     if os.path.exists(path):
         return _read_checked(name, path, gz)
     directory = top = os.path.abspath(os.path.dirname(path))
+    if os.path.isdir(os.path.join(directory, 'train')):  # images in class folders: not a place to download to
+        raise DataError(f"{directory} holds a train/ folder, not {os.path.basename(path)}: for images in class "
+                        f"folders pass --dataset=folder")
     while not os.path.isdir(top):  # the deepest existing directory: all a failed download leaves
         top = os.path.dirname(top)
     os.makedirs(directory, exist_ok=True)
@@ -165,9 +168,6 @@ def _load_mnist(data_dir, split):
 
 def _load_cifar10(data_dir, split):
     path = os.path.join(data_dir, CIFAR10_ARCHIVE)
-    if not os.path.exists(path) and os.path.isdir(os.path.join(data_dir, 'train')):  # not a place to download to
-        raise DataError(f"{data_dir} holds a train/ folder, not {CIFAR10_ARCHIVE}: for images in class folders "
-                        f"pass --dataset=folder")
     archive = _load_file(CIFAR10_ARCHIVE, path, False, CIFAR10_URLS, (
         f"Place {CIFAR10_ARCHIVE} (the 'CIFAR-10 python version', not extracted) in the directory "
         f"{os.path.abspath(data_dir)}, e.g. from {CIFAR10_URLS[0]}, or set --data_dir to where it is."))

@@ -444,13 +444,14 @@ def write_folder(root, classes, n=3, size=(8, 8), mode='L', ext='.png'):
     return values
 
 
-def test_cifar10_pointed_at_class_folders_says_to_use_folder(tmp_path, monkeypatch):
-    """A CIFAR-10 copy in class folders read as --dataset=cifar10: one line pointing at folder, and no
-    download into the image folder."""
+@pytest.mark.parametrize('name', ['cifar10', 'mnist'])
+def test_a_dataset_pointed_at_class_folders_says_to_use_folder(tmp_path, monkeypatch, name):
+    """Images in class folders read as --dataset=cifar10 (or mnist): one line pointing at folder, and
+    no download into the image folder."""
     write_folder(tmp_path / 'train', ['cat', 'dog'])
     monkeypatch.setattr(data, 'download', lambda url, path: pytest.fail('downloaded'))
     with pytest.raises(DataError, match='--dataset=folder'):
-        data.load_dataset('cifar10', str(tmp_path), 'train')
+        data.load_dataset(name, str(tmp_path), 'train')
     assert sorted(p.name for p in tmp_path.iterdir()) == ['train']
 
 
