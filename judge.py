@@ -75,8 +75,9 @@ def get_judge(data_dir, path='auto', dataset='mnist', img_size=28, channels=1, n
     folder name>.pt else). Multithreaded CPU kernels make a retrained judge differ slightly:
     keep the file to compare numbers."""
     digits = dataset in DIGITS
-    if path == 'auto':
-        path = 'judge.pt' if digits else f"judge_{os.path.basename(os.path.abspath(data_dir)) if dataset == 'folder' else dataset}.pt"
+    if path == 'auto':  # a folder's judge is named after the folder
+        name = os.path.basename(os.path.abspath(data_dir)) if dataset == 'folder' else dataset
+        path = 'judge.pt' if digits else f'judge_{name}.pt'
     torch.manual_seed(0)  # the initial weights too: every fresh judge starts the same
     judge = Judge() if digits else PhotoJudge(channels, n_classes)
     # a photo judge's file says what it read, so that it never judges other images
