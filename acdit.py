@@ -258,6 +258,8 @@ def attend(q, k, v, mask):
     if not isinstance(mask, BlockMask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if torch.compiler.is_compiling():  # inside torch.compile(model): traced and fused already
+        if q.device.type == "cpu":  # torch's CPU kernel drops the offset of a lone view: V gets its own buffer
+            v = v.contiguous()      # (a real copy: V is a permuted slice of the fused qkv)
         return flex_attention(q, k, v, block_mask=mask)
     if q.device.type != "cuda":  # off CUDA flex is only a correctness reference: run it eagerly, quietly
         warnings.filterwarnings("ignore", message=".*without torch.compile.*")
