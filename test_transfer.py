@@ -1,0 +1,138 @@
+"""transfer.py: the clean path as an encoder is causal block by block, equals the clean rows of
+the training forward, fine-tunes, and refuses what it cannot read with one line."""
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import acdit
+import cli
+import transfer
+from cli import ConfigError
+
+REPO = Path(__file__).resolve().parent
+CONFIG = acdit.ACDiTConfig(img_size=8, in_channels=1, patch_size=2, block_h=1, block_w=4, depth=3,
+                           width=16, n_heads=2, n_classes=3)   # 4 row blocks of 4 tokens
+
+
+def randomized(config, seed=0):
+    """A model with every parameter random: adaLN-Zero's zeros would hide a wrong path."""
+    model, g = acdit.ACDiT(config), torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("bh, bw", [(1, 4), (2, 2), (1, 1)])
+def test_a_blocks_features_ignore_every_later_block(bh, bw):
+    config = dataclasses.replace(CONFIG, block_h=bh, block_w=bw)
+    model, Bl = randomized(config), config.block_len
+    imgs = torch.rand(2, 1, 8, 8) * 2 - 1
+    tokens = acdit.patchify(imgs, config)
+    with torch.no_grad():
+        before = transfer.clean_features(model, imgs)
+        for i in range(config.n_blocks - 1):
+            changed = tokens.clone()
+            changed[:, (i + 1) * Bl:] = torch.randn_like(changed[:, (i + 1) * Bl:])   # blocks after i
+            after = transfer.clean_features(model, acdit.unpatchify(changed, config))
+            for a, b in zip(before, after):
+                assert torch.equal(a[:, :(i + 1) * Bl], b[:, :(i + 1) * Bl]), i
+                assert not torch.allclose(a[:, (i + 1) * Bl:], b[:, (i + 1) * Bl:], atol=1e-3), i  # later ones see it
+
+
+def test_features_are_the_clean_rows_of_the_training_forward():
+    """Each layer's output on the clean path equals the clean rows c_0..c_{N-2} of the SCAM
+    training forward, caught with forward hooks, whatever the noised half holds."""
+    model, N, Bl = randomized(CONFIG), CONFIG.n_blocks, CONFIG.block_len
+    imgs = torch.rand(3, 1, 8, 8) * 2 - 1
+    x0 = acdit.patchify(imgs, CONFIG)
+    caught = []
+    hooks = [b.register_forward_hook(lambda mod, args, out: caught.append(out)) for b in model.blocks]
+    with torch.no_grad():
+        model(torch.randn_like(x0), torch.randint(0, 1000, (3, N)), torch.tensor([0, 1, 3]), clean=x0[:, :(N - 1) * Bl])
+        for h in hooks:
+            h.remove()
+        features = transfer.clean_features(model, imgs)
+    assert len(caught) == len(features) == CONFIG.depth
+    for layer, (train_rows, f) in enumerate(zip(caught, features)):
+        assert torch.allclose(train_rows[:, :(N - 1) * Bl], f[:, :(N - 1) * Bl], atol=1e-5), layer
+    assert features[-1].abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("pool", ["mean", "last", "blocks"])
+def test_fine_tuning_steps_on_a_fixed_batch_lower_the_loss(pool):
+    torch.manual_seed(0)
+    classifier = transfer.Classifier(randomized(CONFIG).train(), 3, pool)
+    imgs, labels = torch.rand(12, 1, 8, 8) * 2 - 1, torch.arange(12) % 3
+    opt = torch.optim.AdamW(classifier.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(classifier(imgs), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_pooling_from_its_definition():
+    x = torch.arange(2 * 8 * 3, dtype=torch.float).view(2, 8, 3)   # 2 blocks of 4 tokens
+    assert torch.equal(transfer.pooled(x, 'mean', 4), x.mean(1))
+    assert torch.equal(transfer.pooled(x, 'last', 4), x[:, 4:].mean(1))
+    assert torch.equal(transfer.pooled(x, 'blocks', 4), torch.cat([x[:, :4].mean(1), x[:, 4:].mean(1)], 1))
+
+
+def write_checkpoint(path, config, dataset='folder'):
+    """A checkpoint as generate.py reads one: EMA weights, the model config and the run's options."""
+    args = {'dataset': dataset, 'data_dir': str(path.parent / 'nowhere'), 'cfg_scale': 2.0, 'sampler': 'ddpm',
+            'sample_steps': 5}
+    cli.save_checkpoint(str(path), {'ema': acdit.ACDiT(config).state_dict(), 'model_config': dataclasses.asdict(config),
+                                    'args': args, 'iter_num': 1})
+    return path
+
+
+def write_folder(root, size, mode, n=4):
+    for split in ('train', 'test'):
+        for c in ('ant', 'bee'):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new(mode, (size, size), 60 * i if mode == 'L' else (60 * i, 20, 200)).save(root / split / c / f'{i}.png')
+    return root
+
+
+def test_probe_and_fine_tune_run_on_a_folder(tmp_path, capsys):
+    ckpt = write_checkpoint(tmp_path / 'ckpt.pt', CONFIG)
+    folder = write_folder(tmp_path / 'pics', 16, 'RGB')  # read at the model's shape: 8x8, gray
+    transfer.main([f'--ckpt={ckpt}', f'--data_dir={folder}', '--n_train=100'])
+    out = capsys.readouterr().out
+    assert out.count('linear probe, layer') == CONFIG.depth and 'all layers' in out and 'raw pixels' in out
+    transfer.main([f'--ckpt={ckpt}', f'--data_dir={folder}', '--mode=finetune', '--init=random',
+                   '--cpu_minutes=0.002', '--batch_size=4'])
+    assert 'fine-tuned (random' in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line(tmp_path):
+    """A dataset of another shape, a video model, an impossible option: one line, exit status 2."""
+    ckpt = write_checkpoint(tmp_path / 'ckpt.pt', CONFIG)
+    video = write_checkpoint(tmp_path / 'video.pt', dataclasses.replace(CONFIG, n_frames=2, block_h=4, block_w=4),
+                             dataset='moving_mnist')
+    cases = {  # arguments -> what the line must name
+        (f'--ckpt={ckpt}', '--dataset=mnist'): 'reads',            # 28x28 digits for an 8x8 model
+        (f'--ckpt={ckpt}', f'--data_dir={tmp_path / "nowhere"}'): 'nowhere',
+        (f'--ckpt={video}',): 'video model',
+        (f'--ckpt={ckpt}', '--freeze=4'): 'freeze',
+        (f'--ckpt={ckpt}', '--cpu_minutes=0'): 'cpu_minutes',
+        (f'--ckpt={tmp_path / "missing.pt"}',): 'missing.pt',
+    }
+    procs = {case: subprocess.Popen([sys.executable, 'transfer.py', *case], cwd=REPO, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for case in cases}
+    for case, p in procs.items():
+        stdout, stderr = p.communicate(timeout=300)
+        lines = stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error: '), (case, stderr)
+        assert cases[case] in lines[0] and 'Traceback' not in stderr, (case, stderr)
