@@ -3,6 +3,7 @@ the training forward, fine-tunes, and refuses what it cannot read with one line.
 import dataclasses
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -64,10 +65,9 @@ def test_features_are_the_clean_rows_of_the_training_forward():
     assert features[-1].abs().mean() > 0.1
 
 
-@pytest.mark.parametrize("pool", ["mean", "last", "blocks"])
-def test_fine_tuning_steps_on_a_fixed_batch_lower_the_loss(pool):
+def test_fine_tuning_steps_on_a_fixed_batch_lower_the_loss():
     torch.manual_seed(0)
-    classifier = transfer.Classifier(randomized(CONFIG).train(), 3, pool)
+    classifier = transfer.Classifier(randomized(CONFIG).train(), 3)
     imgs, labels = torch.rand(12, 1, 8, 8) * 2 - 1, torch.arange(12) % 3
     opt = torch.optim.AdamW(classifier.parameters(), lr=1e-3)
     losses = []
@@ -80,11 +80,24 @@ def test_fine_tuning_steps_on_a_fixed_batch_lower_the_loss(pool):
     assert losses[-1] < 0.5 * losses[0], losses
 
 
-def test_pooling_from_its_definition():
+@pytest.mark.parametrize("freeze", [0, 2])
+def test_fine_tuning_trains_the_clean_path_and_head_but_the_frozen_layers(freeze):
+    classifier = transfer.Classifier(randomized(CONFIG).train(), 3)
+    before = {n: p.clone() for n, p in classifier.named_parameters()}
+    args = types.SimpleNamespace(freeze=freeze, learning_rate=1e-2, head_lr=1e-2, cpu_minutes=0.003, batch_size=8, seed=0)
+    imgs, labels = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), torch.arange(16) % 3
+    transfer.finetune(classifier, args, imgs, labels, imgs, labels, hflip=False)
+    for name, p in classifier.named_parameters():
+        if any(k in name for k in ('adaLN', 'final', 't_embed', 'y_embed')):
+            continue  # not on the clean path
+        layer = int(name.split('.')[2]) if name.startswith('encoder.blocks') else None
+        frozen = freeze > 0 and (name.startswith('encoder.patch_embed') or layer is not None and layer < freeze)
+        assert torch.equal(p, before[name]) == frozen, name
+
+
+def test_pooling_is_each_blocks_mean_side_by_side():
     x = torch.arange(2 * 8 * 3, dtype=torch.float).view(2, 8, 3)   # 2 blocks of 4 tokens
-    assert torch.equal(transfer.pooled(x, 'mean', 4), x.mean(1))
-    assert torch.equal(transfer.pooled(x, 'last', 4), x[:, 4:].mean(1))
-    assert torch.equal(transfer.pooled(x, 'blocks', 4), torch.cat([x[:, :4].mean(1), x[:, 4:].mean(1)], 1))
+    assert torch.equal(transfer.pooled(x, 4), torch.cat([x[:, :4].mean(1), x[:, 4:].mean(1)], 1))
 
 
 def write_checkpoint(path, config, dataset='folder'):
