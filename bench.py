@@ -1,9 +1,7 @@
 """
 Benchmark ACDiT on this machine and print a Markdown table:
-  - sampling with the KV cache against the uncached reference sampler, at a small batch
-    and at generate.py's default of 100 images,
-  - a training step of ACDiT (SCAM over (2N-1)*Bl tokens) against a plain DiT (one block)
-    (images only),
+  - sampling with the KV cache against the uncached reference sampler, at a small batch and at 100 images,
+  - a training step of ACDiT (SCAM over (2N-1)*Bl tokens) against a plain DiT (one block), for images,
   - on CUDA also FlexAttention (compiled) against the dense-mask SDPA path in training,
 each for the MNIST default model, a longer sequence (32x32x3 at patch 2, 16 blocks of 16)
 and the Moving MNIST video model (8 frames of 32x32 at patch 8, one block of 16 per frame).

@@ -1,7 +1,6 @@
 """
-What the scripts share: the command line (defaults, config files, --key=value and --help), the
-device, and checkpoints. User input is checked here and in the script that owns the option,
-once: a mistake is one line on stderr and exit status 2, with nothing written.
+What the scripts share: the command line (defaults, config files, --key=value, --help), the device, checkpoints.
+User input is checked once, here or in the script owning the option: one line on stderr, exit status 2, nothing written.
 """
 
 import os
@@ -118,10 +117,8 @@ def autocast_context(device, dtype):
 
 def sync(device):
     """Wait for queued GPU work, so that a clock measures the work and not its launch."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-    elif device.type == 'mps':
-        torch.mps.synchronize()
+    if device.type in ('cuda', 'mps'):  # (cuda: the current device, which train.py sets under torchrun)
+        getattr(torch, device.type).synchronize()
 
 # -----------------------------------------------------------------------------
 # checkpoints

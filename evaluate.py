@@ -8,11 +8,9 @@ judge's numbers for real test images (the best any model can score).
     python evaluate.py --ckpt=out-moving-mnist/ckpt.pt --prefix_blocks=4  # frame prediction
     python evaluate.py --ckpt=out-cifar10/ckpt.pt --cfg_scale=3          # colour images: their own judge
 
-A small CNN (nothing to do with ACDiT) is trained once on the run's training images and
-cached: judge.pt for MNIST (one epoch, about a minute on 2 CPU cores), judge_<dataset>.pt
-for colour images (8 epochs, mirrored and shifted; tens of minutes on 2 CPU cores). The
-checkpoint then samples n_per_class images of every class with the settings its run
-sampled with, and we report
+A small CNN (nothing to do with ACDiT), trained once on the run's training images and cached
+(--judge; about a minute for MNIST, tens of minutes for colour images on 2 CPU cores), reads
+n_per_class samples of every class drawn with the settings the run sampled with; we report
   - accuracy: how often the judge reads the class that was asked for;
   - FID: the Frechet distance between the judge's penultimate features of the samples
     and of the test set (lower is better; biased upward for few samples, so
@@ -119,9 +117,8 @@ def main(argv=None):
 
 
 def real_videos(digits, frames):
-    """Real Moving MNIST videos (B, frames, 1, 32, 32) of halved test digits (B, 1, 14, 14), their
-    paths drawn from seed 0: what generated videos are judged beside, and what frame prediction
-    is scored against."""
+    """Real Moving MNIST videos (B, frames, 1, 32, 32) of halved test digits (B, 1, 14, 14), their paths drawn from
+    seed 0: what generated videos are judged beside, and what frame prediction is scored against."""
     return data.moving_mnist(digits, torch.Generator().manual_seed(0), frames=frames)
 
 

@@ -1,9 +1,8 @@
 """
-The judge: a small CNN, independent of ACDiT, that reads the class of an image. It gives a
-model's samples a class accuracy (how often it reads the class that was asked for) and an FID
-in its own penultimate features (lower is better). evaluate.py and tradeoff.py use it. MNIST
-has its own judge; colour images (CIFAR-10, your own folders) another. For Moving MNIST it
-reads every frame's digit, and `motion` measures how the digit moves.
+The judge: a small CNN, independent of ACDiT, that reads the class of an image. It gives a model's samples a
+class accuracy (how often it reads the class that was asked for) and an FID in its own penultimate features (lower
+is better). evaluate.py and tradeoff.py use it. MNIST has its own judge; colour images (CIFAR-10, your own folders)
+another. For Moving MNIST it reads every frame's digit, and `motion` measures how the digit moves.
 """
 
 import os
@@ -70,10 +69,9 @@ def judged_split(dataset, data_dir, split, img_size=28, channels=1):
 
 
 def get_judge(data_dir, path='auto', dataset='mnist', img_size=28, channels=1, n_classes=10):
-    """The judge for a dataset's images (img_size x img_size, channels, n_classes), trained on
-    first use (seeded) and cached at path ('auto': judge.pt for the digits, judge_<dataset or
-    folder name>.pt else). Multithreaded CPU kernels make a retrained judge differ slightly:
-    keep the file to compare numbers."""
+    """The judge for a dataset's images (img_size x img_size, channels, n_classes), trained on first use (seeded)
+    and cached at path ('auto': judge.pt for the digits, judge_<dataset or folder name>.pt else). Multithreaded CPU
+    kernels make a retrained judge differ slightly: keep the file to compare numbers."""
     digits = dataset in DIGITS
     if path == 'auto':  # a folder's judge is named after the folder
         name = os.path.basename(os.path.abspath(data_dir)) if dataset == 'folder' else dataset
@@ -149,8 +147,7 @@ def judge_images(judge, images, labels, test_x):
     x = data.to_float(images)
     logits = judge(x)
     read, n = logits.argmax(1), logits.shape[1]
-    confusion = torch.zeros(n, n, dtype=torch.long).index_put_((labels, read), torch.ones_like(read),
-                                                                 accumulate=True)
+    confusion = torch.zeros(n, n, dtype=torch.long).index_put_((labels, read), torch.ones_like(read), accumulate=True)
     fid = frechet_distance(judge.features(x), judge.features(data.to_float(test_x)))
     return confusion.trace().item() / len(labels), fid, confusion
 

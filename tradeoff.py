@@ -10,10 +10,9 @@ training time, sampling time with and without the KV cache, and each run's sampl
     python tradeoff.py --data_dir=path/to/mnist                   # the README's table
     python tradeoff.py --data_dir=path/to/mnist --max_iters=200 --root=out-quick  # a quick look
 
-Any other --key=value is passed to train.py for every run; --root=DIR (default
-out-tradeoff) is where the runs go. A run folder that already holds a finished run
-(train_seconds.txt) is reused, not retrained: delete it, or pick another --root, after
-changing flags.
+Any other --key=value is passed to train.py for every run; --root=DIR (default out-tradeoff) is where
+the runs go. A run folder that already holds a finished run (train_seconds.txt) is reused, not
+retrained: delete it, or pick another --root, after changing flags.
 """
 
 import os
