@@ -10,9 +10,8 @@ MNIST digits.
     images, labels = load_dataset('folder', 'path/to/pictures', 'train', img_size=64)  # train/<class>/*
     v, y = moving_mnist_batch(digits, labels, 8, torch.Generator().manual_seed(0))  # (8, T, 1, 32, 32)
 
-A missing file is downloaded into data_dir from the official mirrors. Every file is
-checked against a known checksum before it is used, so a corrupt or truncated file is
-a clear DataError naming the file and the fix, never a crash somewhere in training.
+A missing file is downloaded into data_dir from the official mirrors; every file is checked against a
+known checksum before use, so a corrupt or truncated one is a DataError naming it and the fix, not a crash.
 """
 
 import contextlib
@@ -36,6 +35,7 @@ import torch
 # (load_dataset returns the 14x14 digits they are made from); a folder's come from its images
 DATASET_SHAPES = {'mnist': (28, 1), 'cifar10': (32, 3), 'moving_mnist': (32, 1)}
 DATASETS = (*DATASET_SHAPES, 'folder')
+CLASS_NAMES = {'cifar10': ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')}
 FOLDER_TEST_SHARE = 0.1  # a folder without test/: this share of train/, drawn with seed 0, is held out
 # Moving MNIST: one MNIST digit, halved to 14x14, moving with a constant velocity of 1 to
 # MAX_SPEED pixels a frame on each axis and bouncing off the edges of a 32x32 frame (18
@@ -43,6 +43,7 @@ FOLDER_TEST_SHARE = 0.1  # a folder without test/: this share of train/, drawn w
 # sequence (15 blocks) is 240 tokens and a 2-core CPU learns the motion in well under an hour.
 VIDEO_FRAMES = {'moving_mnist': 8}  # video datasets -> frames per video
 MAX_SPEED = 3
+LOG_COLUMNS = ('iter', 'loss', 'lr', 'ms_per_step', 'test_loss', 'ema_test_loss', 'elapsed_s')  # train.py's log.csv
 
 
 class DataError(RuntimeError):
@@ -244,10 +245,9 @@ def _decode_folder(root, classes, img_size, channels, every_class):
 
 
 def _load_folder(data_dir, split, img_size=0, channels=0):
-    """Your own images: data_dir/train/<class>/* and, if there, data_dir/test/<class>/* (else
-    FOLDER_TEST_SHARE of train, drawn with seed 0, is the test split and the rest trains).
-    Labels are the sorted class folder names of train/; any file Pillow reads is an image.
-    Decoded on every call (nothing cached that could go stale)."""
+    """Your own images: data_dir/train/<class>/* and, if there, data_dir/test/<class>/* (else FOLDER_TEST_SHARE of
+    train, drawn with seed 0, is the test split and the rest trains). Labels are the sorted class folder names of
+    train/; any file Pillow reads is an image. Decoded on every call (nothing cached that could go stale)."""
     train = os.path.join(data_dir, 'train')
     classes = _class_folders(train) if os.path.isdir(train) else []
     if len(classes) < 2:
@@ -285,6 +285,11 @@ def load_dataset(name, data_dir, split, img_size=0, channels=0):
         else f'images {h}x{w}x{c}'
     print(f'loaded {name} {split}: {n} {what} from {os.path.join(data_dir, "")}')
     return images, labels
+
+
+def class_names(name, data_dir):
+    """The names of labels 0, 1, ...: digits, CIFAR-10's classes (CLASS_NAMES) or a folder dataset's class folders."""
+    return _class_folders(os.path.join(data_dir, 'train')) if name == 'folder' else list(CLASS_NAMES.get(name, '0123456789'))
 
 
 def to_float(images):
@@ -352,8 +357,9 @@ def grid_array(images, nrow):
 
 def save_grid(images, path, nrow=None):
     """Save images (B, C, H, W), float in [-1, 1] or uint8, as one grid of nrow per row (default:
-    about square), in the format of path's extension (.png, .jpg, ...)."""
+    about square), in the format of path's extension (.png, .jpg, ...), its folder made if need be."""
     from PIL import Image  # imported here so that only saving images needs pillow
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     array = grid_array(images, nrow or math.ceil(math.sqrt(len(images))))
     Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(path)
 
@@ -361,9 +367,41 @@ def save_grid(images, path, nrow=None):
 def save_gif(frames, path, ms_per_frame=80, hold_last_ms=2000):
     """uint8 arrays (H, W, C) -> an animated GIF that loops, the last frame held longer."""
     from PIL import Image  # as in save_grid
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     h, w, c = frames[0].shape
     scale = max(1, min(256 // min(h, w), 1024 // max(h, w)))  # small grids: nearest-neighbour upscale
-    images = [Image.fromarray(f[:, :, 0] if c == 1 else f).resize((w * scale, h * scale), Image.NEAREST)
-              for f in frames]
+    images = [Image.fromarray(f[:, :, 0] if c == 1 else f).resize((w * scale, h * scale), Image.NEAREST) for f in frames]
     images[0].save(path, format='GIF', save_all=True, append_images=images[1:], loop=0,
                    duration=[ms_per_frame] * (len(images) - 1) + [hold_last_ms])
+
+
+def write_log(out_dir, rows, new):
+    """Add rows[-1], a dict of LOG_COLUMNS (test losses at evals only), to out_dir/log.csv: a new file if new or none
+    is there, else at its end (rows a stopped run wrote after its last checkpoint stay; the resumed run's repeat their
+    iters). After an eval, plot rows (each iter once) in out_dir/loss.png: the losses against iter, on a log scale."""
+    from PIL import Image, ImageDraw  # as in save_grid
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'log.csv'), 'w' if new else 'a') as f:
+        f.write(','.join(LOG_COLUMNS) + '\n' if f.tell() == 0 else '')  # a new file: the header first
+        f.write(f"{rows[-1]['iter']}," + ','.join(f'{rows[-1][k]:.6g}' if k in rows[-1] else '' for k in LOG_COLUMNS[1:]) + '\n')
+    if 'test_loss' not in rows[-1]:
+        return
+    curves = {'loss': (170, 170, 170), 'test_loss': (31, 119, 180), 'ema_test_loss': (214, 39, 40)}  # gray, blue, red
+    logs = [math.log10(r[k]) for r in rows for k in curves if r.get(k, 0) > 0]  # room around them; at least 2x
+    lo, hi, last = min(logs) - 0.02, max(max(logs), min(logs) + 0.3) + 0.02, max(1, rows[-1]['iter'])
+    img = Image.new('RGB', (640, 400), 'white')
+    draw = ImageDraw.Draw(img)
+
+    def xy(it, loss):  # the frame: 60 pixels on the left for the loss ticks, 40 below for the iter ones
+        return 60 + 560 * it / last, 370 - 340 * (math.log10(loss) - lo) / (hi - lo)
+    for v in [m * 10 ** e for e in range(math.floor(lo), math.ceil(hi)) for m in ((1, 2, 5) if hi - lo > 1 else range(1, 10))]:
+        if lo < math.log10(v) < hi:  # a tick: a line across, its loss on the left
+            draw.line([xy(0, v), xy(last, v)], fill=(225, 225, 225))
+            draw.text((55 - draw.textlength(f'{v:g}'), xy(0, v)[1] - 6), f'{v:g}', fill='black')
+    for it in (0, last // 2, last):
+        draw.text((xy(it, 10 ** lo)[0] - draw.textlength(str(it)) / 2, 374), str(it), fill='black')
+    draw.rectangle([xy(0, 10 ** hi), xy(last, 10 ** lo)], outline='black')
+    for key, colour in curves.items():
+        draw.line([xy(r['iter'], r[key]) for r in rows if r.get(key, 0) > 0], fill=colour, width=2 if 'test' in key else 1)
+    draw.text((60, 8), 'loss (log scale) against iter: training (gray), test (blue), test of the EMA (red)', fill='black')
+    img.save(os.path.join(out_dir, 'loss.png'))

@@ -27,8 +27,13 @@ import data
 from data import DataError
 
 REPO = Path(__file__).resolve().parent
-MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'  # the real dataset, when this checkout has it
+# the real MNIST, for the tests that need it (here and in test_train.py, test_generate.py): the
+# folder $ACDIT_MNIST_DIR names, else the path below; the four files, .gz or not
+MNIST_DIR = Path(os.environ.get('ACDIT_MNIST_DIR') or REPO.parent / 'shared' / 'data' / 'mnist')
 ALL_MNIST = [n for pair in data.MNIST_FILES.values() for n in pair]
+have_real_mnist = all((MNIST_DIR / n).exists() or (MNIST_DIR / (n + '.gz')).exists() for n in ALL_MNIST)
+NO_MNIST = f'real MNIST not found in {MNIST_DIR}: set ACDIT_MNIST_DIR to a folder with its four files to run this'
+needs_real_mnist = pytest.mark.skipif(not have_real_mnist, reason=NO_MNIST)
 
 
 @pytest.fixture(autouse=True)
@@ -92,8 +97,18 @@ def md5(path):
 # -----------------------------------------------------------------------------
 # MNIST: the real files
 
-have_real_mnist = all((MNIST_DIR / n).exists() or (MNIST_DIR / (n + '.gz')).exists() for n in ALL_MNIST)
-needs_real_mnist = pytest.mark.skipif(not have_real_mnist, reason=f'real MNIST not found in {MNIST_DIR}')
+def test_the_real_mnist_is_where_ACDIT_MNIST_DIR_says(tmp_path):
+    """A fresh clone runs the tests on its own MNIST copy: ACDIT_MNIST_DIR names it, and without it
+    a skip says how to enable them."""
+    for name in ALL_MNIST:
+        (tmp_path / (name + '.gz')).touch()
+    code = ('import importlib, os, test_data as t; print(t.MNIST_DIR, t.have_real_mnist); '
+            'os.environ["ACDIT_MNIST_DIR"] = "nowhere"; importlib.reload(t); print(t.have_real_mnist, t.NO_MNIST)')
+    r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, ACDIT_MNIST_DIR=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [f'{tmp_path} True', 'False real MNIST not found in nowhere: set ACDIT_MNIST_DIR '
+                                                         'to a folder with its four files to run this']
 
 
 @needs_real_mnist
@@ -470,6 +485,14 @@ def test_folder_labels_are_the_sorted_class_names(tmp_path, capsys):
     assert labels.tolist() == [0, 1] and images[:, 0, 0, 0].tolist() == [want_test['ant'][0], want_test['bee'][0]]
 
 
+def test_class_names_are_digits_cifar10s_or_the_sorted_folders(tmp_path):
+    write_folder(tmp_path / 'train', ['cat', 'ant', 'bee'])
+    assert data.class_names('folder', str(tmp_path)) == ['ant', 'bee', 'cat']   # labels 0, 1, 2 above
+    assert data.class_names('mnist', 'anywhere') == data.class_names('moving_mnist', '') == list('0123456789')
+    assert data.class_names('cifar10', '') == ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
+                                               'horse', 'ship', 'truck']   # the order of the archive's labels
+
+
 def test_folder_colour_and_channels(tmp_path):
     write_folder(tmp_path / 'train', ['a'], mode='RGB')
     write_folder(tmp_path / 'train', ['b'], mode='L')
@@ -638,6 +661,32 @@ def test_save_grid(tmp_path):
     data.save_grid(torch.zeros(4, 1, 7, 7, dtype=torch.uint8), tmp_path / 'gray.png')
     with Image.open(tmp_path / 'gray.png') as im:
         assert im.size == (14, 14) and im.mode == 'L'
+
+
+def test_the_log_is_a_csv_file_and_its_plot_a_png_drawn_at_evals(tmp_path):
+    """write_log adds the last row to log.csv (a new file when asked, else at its end) and after an eval
+    draws loss.png: a gray training curve, blue and red test curves, black axes."""
+    from PIL import Image
+    out, rows = tmp_path / 'out', []
+    for it in range(10, 101, 10):
+        rows.append(dict(iter=it, loss=1 / it, lr=1e-3, ms_per_step=12.5, elapsed_s=it / 10))
+        if it in (50, 100):
+            rows[-1].update(test_loss=0.2 * 50 / it, ema_test_loss=0.3 * 50 / it)
+        data.write_log(str(out), rows, new=len(rows) == 1)
+        assert (out / 'loss.png').exists() == (it >= 50)              # first drawn at the first eval
+    lines = (out / 'log.csv').read_text().splitlines()
+    assert lines[0] == 'iter,loss,lr,ms_per_step,test_loss,ema_test_loss,elapsed_s' and len(lines) == 11
+    assert lines[1] == '10,0.1,0.001,12.5,,,1' and lines[5] == '50,0.02,0.001,12.5,0.2,0.3,5'
+    data.write_log(str(out), rows[:1], new=False)                    # a resumed run appends
+    data.write_log(str(tmp_path / 'new'), rows[:1], new=False)       # ...or starts the file if there is none
+    assert (out / 'log.csv').read_text().splitlines() == lines + [lines[1]]
+    assert (tmp_path / 'new' / 'log.csv').read_text().splitlines() == lines[:2]
+    data.write_log(str(out), rows[:1], new=True)                     # a new run starts it anew
+    assert (out / 'log.csv').read_text().splitlines() == lines[:2]
+    with Image.open(out / 'loss.png') as im:
+        assert im.format == 'PNG' and im.size == (640, 400)
+        colours = {c for _, c in im.getcolors(640 * 400)}
+    assert {(170, 170, 170), (31, 119, 180), (214, 39, 40), (0, 0, 0)} <= colours  # the 3 curves, the axes
 
 
 def test_grid_array_layout():

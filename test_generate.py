@@ -34,12 +34,9 @@ import generate
 import judge
 import train
 from cli import ConfigError
+from test_data import MNIST_DIR, NO_MNIST, have_real_mnist, needs_real_mnist
 
 REPO = Path(__file__).resolve().parent
-MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'  # the real dataset, when this checkout has it
-have_real_mnist = all((MNIST_DIR / n).exists() or (MNIST_DIR / (n + '.gz')).exists()
-                      for pair in data.MNIST_FILES.values() for n in pair)
-needs_real_mnist = pytest.mark.skipif(not have_real_mnist, reason=f'real MNIST not found in {MNIST_DIR}')
 
 TRAIN_DEFAULTS = {k: v[0] for k, v in train.OPTIONS.items()}
 TINY = dict(dataset='mnist', patch_size=7, block_h=1, block_w=4, depth=1, width=16, n_heads=2,
@@ -50,8 +47,9 @@ TINY_MODEL = acdit.ACDiTConfig(img_size=28, in_channels=1, patch_size=7, block_h
                                                                  'rope_base', 'attn_backend')})
 # a CIFAR-10-shaped one: 32px RGB, patch 8 -> a 4x4 grid, 4 row blocks of 4 tokens
 CIFAR_MODEL = dataclasses.replace(TINY_MODEL, img_size=32, in_channels=3, patch_size=8)
-# what train.py keeps in a checkpoint (tested against a real one below); an eval adds the losses
-CHECKPOINT_KEYS = {'model', 'ema', 'optimizer', 'args', 'model_config', 'iter_num'}
+# what train.py keeps in a checkpoint (tested against a real one below); an eval adds the losses.
+# write_checkpoint leaves out 'classes' and 'log', as train.py did before it saved them
+CHECKPOINT_KEYS = {'model', 'ema', 'optimizer', 'args', 'model_config', 'iter_num', 'classes', 'log'}
 
 
 def random_state(config, seed):
@@ -112,7 +110,7 @@ def trained(tmp_path_factory):
     """A checkpoint that train.main wrote after 3 steps of the tiny model on the real MNIST,
     beside the sample grid it drew at the end (samples_000003.png)."""
     if not have_real_mnist:
-        pytest.skip(f'real MNIST not found in {MNIST_DIR}')
+        pytest.skip(NO_MNIST)
     out = tmp_path_factory.mktemp('trained')
     train.main(TRAIN_ARGS + [f'--out_dir={out}'])
     return out / 'ckpt.pt'
@@ -121,7 +119,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope='module')
 def mnist_test():
     if not have_real_mnist:
-        pytest.skip(f'real MNIST not found in {MNIST_DIR}')
+        pytest.skip(NO_MNIST)
     return data.load_dataset('mnist', str(MNIST_DIR), 'test')
 
 
@@ -189,13 +187,32 @@ def test_default_out_path_and_sampling_settings_match_train_py(trained, capsys):
     checkpoint's args and draws exactly the grid train.py drew at the end of its run (EMA
     weights, seed 0), next to the checkpoint."""
     # train.py drew its grid on the CPU; generate.py's device=auto would pick a GPU if there is one
-    generate.main([f'--ckpt={trained}'] + (['--device=cpu'] if cli.pick_device('auto').type != 'cpu' else []))
+    cpu = ['--device=cpu'] if cli.pick_device('auto').type != 'cpu' else []
+    generate.main([f'--ckpt={trained}', '--labels=0'] + cpu)
     assert 'ddim, 4 steps per block, cfg_scale 1.5' in capsys.readouterr().out
+    # after 3 steps train.py drew 1 a class at 1 step (a tenth of 3 steps of batch 8), as it printed
+    generate.main([f'--ckpt={trained}', '--n_per_class=1', '--steps=1'] + cpu)
     ours = trained.parent / 'samples.png'  # next to the checkpoint
     with Image.open(trained.parent / 'samples_000003.png') as im:
         reference = np.array(im)
-    assert reference.shape == (10 * 28, 10 * 28) and len(np.unique(reference)) > 2
+    assert reference.shape == (10 * 28, 28) and len(np.unique(reference)) > 2
     assert np.array_equal(np.array(Image.open(ours)), reference)
+
+
+def test_labels_by_name_or_number(ckpt, tmp_path, capsys):
+    """--labels takes the checkpoint's class names or numbers, a name first (a folder named '3'),
+    and the grid's rows are named in that order; an unknown one is one line listing the names.
+    A checkpoint from before the names: numbers."""
+    names = ['ant', 'bee', '3'] + [f'x{i}' for i in range(3, 10)]
+    named = write_checkpoint(tmp_path / 'named.pt', dict(TRAIN_DEFAULTS, **TINY), classes=names)
+    common = ['--n_per_class=2', '--steps=1', f'--out={tmp_path / "grid.png"}']
+    assert generate.main([f'--ckpt={named}', '--labels=3,bee,7,x9'] + common)[1].tolist() == [2, 2, 1, 1, 7, 7, 9, 9]
+    assert f'wrote {tmp_path / "grid.png"}: rows of 3, bee, x7, x9\n' in capsys.readouterr().out
+    assert generate.main([f'--ckpt={ckpt}', '--labels=3,1'] + common)[1].tolist() == [3, 3, 1, 1]
+    assert ': rows of 3, 1\n' in capsys.readouterr().out
+    refuses(generate.main, [f'--ckpt={named}', '--labels=bee,cat'] + common, "'cat'", ', '.join(names),
+            untouched=[tmp_path])
+    refuses(generate.main, [f'--ckpt={ckpt}', '--labels=ant'] + common, "'ant'", '0..9', untouched=[tmp_path])
 
 
 def test_a_checkpoint_without_the_runs_args_is_a_one_line_error(tmp_path, monkeypatch):
@@ -954,6 +971,9 @@ def test_shipped_weights_are_small_fp16_and_draw_their_classes(path, tmp_path):
     ckpt = cli.load_checkpoint(str(path))
     assert ckpt['ema'] and all(v.dtype == torch.float16 for v in ckpt['ema'].values())
     assert 'model' not in ckpt and 'optimizer' not in ckpt      # sampling weights only
+    digits = [str(d) for d in range(10)]                         # and the names of their classes
+    assert ckpt['classes'] == {'cifar10.pt': 'airplane automobile bird cat deer dog frog horse ship truck'.split()}.get(
+        path.name, digits)
     out = tmp_path / 'samples.png'
     images, labels = generate.main([f'--ckpt={path}', '--n_per_class=2', '--sampler=dpm++', '--steps=10',
                                     '--device=cpu', f'--out={out}'])

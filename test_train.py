@@ -4,6 +4,7 @@ input (one line on stderr, exit status 2, nothing written). The data, the comman
 and checkpoint I/O have tests of their own (test_data.py, test_cli.py)."""
 
 import contextlib
+import csv
 import os
 import re
 import runpy
@@ -25,13 +26,10 @@ import data
 import generate
 import train
 from cli import ConfigError
-from test_data import cifar_batch, md5, write_fake_cifar, write_fake_mnist, write_folder
+from test_data import (MNIST_DIR, NO_MNIST, cifar_batch, have_real_mnist, md5, needs_real_mnist, write_fake_cifar,
+                       write_fake_mnist, write_folder)
 
 REPO = Path(__file__).resolve().parent
-MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'  # the real dataset, when this checkout has it
-ALL_MNIST = [n for pair in data.MNIST_FILES.values() for n in pair]
-have_real_mnist = all((MNIST_DIR / n).exists() or (MNIST_DIR / (n + '.gz')).exists() for n in ALL_MNIST)
-needs_real_mnist = pytest.mark.skipif(not have_real_mnist, reason=f'real MNIST not found in {MNIST_DIR}')
 DEFAULTS = {k: d for k, (d, _) in train.OPTIONS.items()}
 
 
@@ -66,38 +64,34 @@ def test_get_lr_warmup_stable_decay():
     assert lr(500) == lr(500, max_iters=10**9)  # the stable phase does not depend on max_iters
 
 
-def step_draws(seed, rank, it, g):
-    """What a step seeded with (seed, rank, it) draws: from torch's generator and from batch_gen."""
+def step_draws(seed, rank, it):
+    """What a step seeded with (seed, rank, it) draws: from torch's generator and from the batch's."""
     torch.manual_seed(12345)  # whatever state came before
     torch.rand(7)
-    g.manual_seed(999)
-    train.seed_step(seed, rank, it, g)
+    g = train.seed_step(seed, rank, it)
     return torch.rand(3), torch.rand(3, generator=g)
 
 
 def test_step_seed_depends_on_seed_rank_and_iteration_only():
-    g = torch.Generator()
-    a, ga = step_draws(1, 0, 5, g)
-    b, gb = step_draws(1, 0, 5, g)
+    a, ga = step_draws(1, 0, 5)
+    b, gb = step_draws(1, 0, 5)
     assert torch.equal(a, b) and torch.equal(ga, gb)  # the same step draws the same numbers
     for other in [(1, 1, 5), (1, 0, 6), (1, 0, 0)]:
-        o, go = step_draws(*other, g)
+        o, go = step_draws(*other)
         assert not torch.equal(a, o) and not torch.equal(ga, go), other
 
 
 def test_step_seed_differs_for_another_seed_or_rank():
-    g = torch.Generator()
-    a, ga = step_draws(1, 0, 5, g)
+    a, ga = step_draws(1, 0, 5)
     for other in [(2, 0, 5), (1337, 0, 5), (1, 2, 5), (1, 3, 5)]:  # another --seed; torchrun's 3rd and 4th process
-        o, go = step_draws(*other, g)
+        o, go = step_draws(*other)
         assert not torch.equal(a, o) and not torch.equal(ga, go), other
 
 
 def test_step_seeds_the_batch_and_the_model_draws_apart():
     """Seeded alike, the batch indices and the timesteps would come from the same raw numbers."""
-    g = torch.Generator()
     for it in range(20):
-        a, ga = step_draws(1337, 0, it, g)
+        a, ga = step_draws(1337, 0, it)
         assert not torch.equal(a, ga), it
 
 
@@ -120,9 +114,8 @@ def largest_accepted(key, low, high):
 
 def test_every_seed_the_checks_accept_can_seed_a_step():
     seed = largest_accepted('seed', 0, 2**70)
-    g = torch.Generator()
     for rank, it in ((0, 0), (1, 10**6)):  # torchrun's second process, a long run
-        train.seed_step(seed, rank, it, g)
+        assert train.seed_step(seed, rank, it).initial_seed() < 2**64
     assert torch.rand(1).item() >= 0
 
 
@@ -190,7 +183,7 @@ _mnist_cache = {}
 def cached_mnist(monkeypatch):
     """data.load_dataset reading the real MNIST once per test session (it takes ~0.5 s)."""
     if not have_real_mnist:
-        pytest.skip(f'real MNIST not found in {MNIST_DIR}')
+        pytest.skip(NO_MNIST)
     real = data.load_dataset
 
     def load(name, data_dir, split, *shape):
@@ -307,8 +300,10 @@ def test_train_writes_checkpoint_samples_and_progress(tmp_path, capsys):
     text = capsys.readouterr().out
     ckpt = cli.load_checkpoint(str(out / 'ckpt.pt'))
     # no random state: every step is seeded from (seed, rank, iteration)
-    assert ckpt.keys() == {'model', 'ema', 'optimizer', 'args', 'model_config', 'iter_num', 'test_loss', 'ema_test_loss'}
-    assert ckpt['iter_num'] == 3
+    assert ckpt.keys() == {'model', 'ema', 'optimizer', 'args', 'model_config', 'iter_num', 'test_loss', 'ema_test_loss',
+                           'classes', 'log'}
+    assert ckpt['iter_num'] == 3 and ckpt['classes'] == ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']
+    assert '10 classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9' in text and 'warmup' not in text  # 2 warmup steps of 3
     assert ckpt['args'].keys() == DEFAULTS.keys() and ckpt['args']['depth'] == 1 and ckpt['args']['max_iters'] == 3
     assert ckpt['model_config']['patch_size'] == 7 and ckpt['model_config']['depth'] == 1
     assert ckpt['model'].keys() == ckpt['ema'].keys()
@@ -318,10 +313,12 @@ def test_train_writes_checkpoint_samples_and_progress(tmp_path, capsys):
     assert f"{ckpt['test_loss']:.4f}" in eval_3 and f"{ckpt['ema_test_loss']:.4f}" in eval_3
     assert 0 < ckpt['test_loss'] < 10 and 0 < ckpt['ema_test_loss'] < 10
     assert 'eval @ 2: ' in text
-    # a grid per sample_interval and at the end: a row of 10 28x28 digits per class
-    assert sorted(p.name for p in out.glob('*.png')) == ['samples_000002.png', 'samples_000003.png']
+    # a grid per sample_interval and at the end: a row of 28x28 digits per class (in the order printed
+    # above); after 3 steps of 8 images, a tenth of their cost buys 1 a class at 1 step (see the size test)
+    assert sorted(p.name for p in out.glob('*.png')) == ['loss.png', 'samples_000002.png', 'samples_000003.png']
+    assert f"wrote {out / 'samples_000003.png'} (1 a class at 1 steps a block: " in text
     with Image.open(out / 'samples_000003.png') as im:
-        assert im.mode == 'L' and im.size == (10 * 28, 10 * 28)
+        assert im.mode == 'L' and im.size == (28, 10 * 28)
         assert len(np.unique(np.asarray(im))) > 2  # not a blank image
     lines = PROGRESS.findall(text)
     assert [(int(m[0]), int(m[1])) for m in lines] == [(1, 3), (2, 3), (3, 3)]
@@ -329,6 +326,33 @@ def test_train_writes_checkpoint_samples_and_progress(tmp_path, capsys):
         assert 0 < float(loss) < 10 and 0 < float(lr) <= 1e-3 and int(img) > 0
     assert float(lines[0][3]) < float(lines[2][3]) == 1e-3  # warmup, then flat
     assert [p.name for p in out.iterdir() if p.name.startswith('.')] == []  # no temp files left
+    # log.csv: a row per printed line, with its loss and lr; the test losses at the evals
+    with open(out / 'log.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ['iter', 'loss', 'lr', 'ms_per_step', 'test_loss', 'ema_test_loss', 'elapsed_s']
+    assert [r['iter'] for r in rows] == ['1', '2', '3'] and [r['iter'] for r in ckpt['log']] == [1, 2, 3]
+    for r, (_, _, loss, lr, ms, _) in zip(rows, lines):
+        assert f"{float(r['loss']):.4f}" == loss and f"{float(r['lr']):.2e}" == lr and float(r['elapsed_s']) >= 0
+    assert rows[0]['test_loss'] == rows[0]['ema_test_loss'] == ''
+    assert float(rows[2]['test_loss']) == pytest.approx(ckpt['test_loss'], rel=1e-5)
+    assert float(rows[2]['ema_test_loss']) == pytest.approx(ckpt['ema_test_loss'], rel=1e-5)
+    with Image.open(out / 'loss.png') as im:  # the plot, drawn at every eval
+        assert im.format == 'PNG' and im.size == (640, 400)
+
+
+@pytest.mark.usefixtures('cached_mnist')
+def test_log_csv_has_a_row_per_log_and_eval_step(tmp_path, capsys):
+    """log_interval=2 and eval_interval=3 over 7 steps: rows (and progress lines) at 2, 3, 4, 6 and
+    7, the last step; the test losses at 3, 6 and 7. Warmup to the end is a warning."""
+    out = tmp_path / 'out'
+    train.main(TINY + [f'--out_dir={out}', '--max_iters=7', '--log_interval=2', '--eval_interval=3',
+                       '--sample_interval=100', '--warmup_iters=7'])
+    text = capsys.readouterr().out
+    assert 'warning: warmup_iters=7 >= max_iters=7' in text
+    with open(out / 'log.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r['iter']) for r in rows] == [int(m[0]) for m in PROGRESS.findall(text)] == [2, 3, 4, 6, 7]
+    assert [int(r['iter']) for r in rows if r['test_loss'] and r['ema_test_loss']] == [3, 6, 7]
 
 
 @pytest.mark.parametrize('dataset, shape', [  # (img_size, channels, patch_size, block_h, block_w, n_classes)
@@ -353,14 +377,43 @@ def test_every_dataset_trains_from_its_name_alone(tmp_path, monkeypatch, capsys,
                              '--depth=1', '--width=16', '--n_heads=2', '--batch_size=2', '--eval_iters=1',
                              '--sample_steps=1', '--compile=False', '--device=cpu', '--dtype=float32'], capsys)
     assert code == 0, err
-    config = cli.load_checkpoint(str(out / 'ckpt.pt'))['model_config']
-    got = tuple(config[k] for k in ('img_size', 'in_channels', 'patch_size', 'block_h', 'block_w', 'n_classes'))
+    ckpt = cli.load_checkpoint(str(out / 'ckpt.pt'))
+    got = tuple(ckpt['model_config'][k] for k in ('img_size', 'in_channels', 'patch_size', 'block_h', 'block_w', 'n_classes'))
     assert got == shape and (out / 'samples_000001.png').exists()
     assert ('half of each batch mirrored' in log) == (dataset in ('cifar10', 'folder'))
-    if dataset == 'folder':
+    # the names of the labels: printed at the start and kept in the checkpoint
+    names = {'cifar10': 'airplane automobile bird cat deer dog frog horse ship truck'.split(),
+             'folder': ['x', 'y', 'z']}.get(dataset, [str(d) for d in range(10)])
+    assert ckpt['classes'] == names and ', '.join(names) in log
+    if dataset == 'folder':  # generate.py takes them for --labels and lists them for a name it does not know
         images, labels = generate.main([f'--ckpt={out / "ckpt.pt"}', '--prefix_blocks=2', '--steps=1',
-                                        '--n_per_class=1', '--device=cpu'])
-        assert images.shape == (3, 3, 16, 16) and labels.tolist() == [0, 1, 2]
+                                        '--n_per_class=1', '--device=cpu', '--labels=z,x'])
+        assert images.shape == (2, 3, 16, 16) and labels.tolist() == [2, 0]
+        with pytest.raises(ConfigError, match="labels='w': 'w' is not a number in 0..2 nor a class \\(x, y, z\\)"):
+            generate.main([f'--ckpt={out / "ckpt.pt"}', '--labels=w'])
+
+
+def test_a_short_runs_grid_costs_at_most_a_tenth_of_it(tmp_path, monkeypatch):
+    """n images at s steps a block cost about n * s / (3 * batch_size) training steps: after n_steps,
+    a grid of 10 a row (a video: 1) at sample_steps if that costs at most n_steps / 10, else
+    fewer a row, then fewer steps (at least 1 and 1)."""
+    drawn = []
+
+    def sample(model, labels, steps, **kw):
+        drawn.append((labels.tolist(), steps))
+        return torch.zeros(len(labels), *([model.config.n_frames] if model.config.n_frames > 1 else []), 1, 32, 32)
+    monkeypatch.setattr(acdit, 'sample', sample)
+    args = SimpleNamespace(batch_size=8, sample_steps=50, cfg_scale=2.0, sampler='ddpm')
+    image = acdit.ACDiT(acdit.ACDiTConfig(img_size=32, patch_size=8, block_w=4, depth=1, width=16, n_heads=2))
+    video = acdit.ACDiT(acdit.ACDiTConfig(img_size=32, n_frames=8, patch_size=8, block_h=4, block_w=4, depth=1,
+                                          width=16, n_heads=2))
+    for model, n_steps, size in ((image, 10**6, (10, 50)), (image, 2084, (10, 50)), (image, 1000, (4, 50)),
+                                 (image, 200, (1, 48)), (image, 10, (1, 2)), (image, 1, (1, 1)),
+                                 (video, 10**6, (1, 50)), (video, 100, (1, 24))):
+        assert train.sample_grid(model, tmp_path / 'grid.png', args, 'cpu', n_steps) == size
+        labels, steps = drawn.pop()
+        assert labels == [c for c in range(10) for _ in range(size[0])] and steps == size[1]
+        assert 10 * size[0] * steps / (3 * 8) <= n_steps / 10 or size == (1, 1)
 
 
 @pytest.mark.parametrize('args, name', [(['--dataset=mnist', '--img_size=32'], 'img_size'),
@@ -394,6 +447,9 @@ def test_resume_is_exact(tmp_path, capsys):
     assert ckpt['optimizer']['param_groups'][0]['fused'] is True  # CPU: fused
     ckpt['optimizer']['param_groups'][0]['fused'] = None
     torch.save(ckpt, b / 'ckpt.pt')
+    with open(b / 'log.csv', 'a') as f:  # as if the run had gone on to iter 4, then crashed before saving
+        f.write('4,9,9,9,,,9\n')
+    log_b1 = (b / 'log.csv').read_text()
     train.main(common + [f'--out_dir={b}', '--max_iters=6', '--init_from=resume'])
     out_b2 = capsys.readouterr().out
     assert 'eval @ 3' in out_b1 and (b / 'samples_000003.png').exists() and 'eval @ 3' not in out_a
@@ -409,6 +465,13 @@ def test_resume_is_exact(tmp_path, capsys):
     assert ca['test_loss'] == cb['test_loss'] and ca['ema_test_loss'] == cb['ema_test_loss']
     assert_same_state(ca['args'], dict(cb['args'], init_from='scratch', out_dir=str(a)), 'args')
     assert cb['optimizer']['param_groups'][0]['fused'] is True  # this device's choice again
+    # log.csv: appended to, its stale row kept; the resumed rows continue from the checkpoint's iter with
+    # the uninterrupted run's losses and learning rates (its time columns differ); loss.png's rows: each iter once
+    assert (b / 'log.csv').read_text().startswith(log_b1)
+    rows_a, rows_b = ([(r['iter'], r['loss'], r['lr']) for r in csv.DictReader((d / 'log.csv').read_text().splitlines())] for d in (a, b))
+    assert [it for it, _, _ in rows_b] == ['1', '2', '3', '4', '4', '5', '6'] and rows_b[3] == ('4', '9', '9')
+    assert rows_b[:3] + rows_b[4:] == rows_a
+    assert [(r['iter'], r['loss'], r['lr']) for r in cb['log']] == [(r['iter'], r['loss'], r['lr']) for r in ca['log']]
     assert cb['model']['final.linear.weight'].abs().sum() > 0  # the run did train (it starts at zero)
 
 
@@ -693,7 +756,9 @@ def test_ddp_two_cpu_processes_ctrl_c_and_resume(tmp_path):
     assert rc == 0, text[-3000:]
     assert [int(m[0]) for m in PROGRESS.findall(text)] == [k + 1, k + 2]
     assert text.count('eval @ ') == 1 + k % 2  # at step k + 1 or k + 2 (eval_interval=2), and at the end
-    assert [p.name for p in out.glob('*.png')] == [f'samples_{k + 2:06d}.png']
+    assert sorted(p.name for p in out.glob('*.png')) == ['loss.png', f'samples_{k + 2:06d}.png']
+    rows = (out / 'log.csv').read_text().splitlines()[1:]  # rank 0's rows only, the resumed ones appended
+    assert [row.split(',')[0] for row in rows] == [str(i) for i in range(1, k + 3)]
     ckpt = cli.load_checkpoint(str(out / 'ckpt.pt'))
     assert ckpt['iter_num'] == k + 2
 

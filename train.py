@@ -3,12 +3,10 @@ Train an ACDiT model on MNIST, CIFAR-10 or your own images, or on Moving MNIST v
 
     python train.py                                  # MNIST with the defaults below
     python train.py --data_dir=path/to/mnist         # offline: the four MNIST files are there
-    python train.py config/mnist_gpu.py              # a config file overrides the defaults
-    python train.py config/cifar10.py --batch_size=64   # ...and --key=value overrides both
+    python train.py config/cifar10.py --batch_size=64   # a config file overrides the defaults, --key=value both
     python train.py config/moving_mnist.py           # videos: one block per frame
     python train.py --dataset=folder --data_dir=pics # pics/train/<class>/*.jpg (and pics/test/...)
     torchrun --nproc_per_node=4 train.py config/cifar10.py   # one process per GPU
-    python train.py --help                           # every option with its default
 """
 
 import dataclasses
@@ -30,19 +28,18 @@ from cli import ConfigError
 
 OPTIONS = {  # key: (default, what it does); config files and --key=value override the defaults
     # I/O
-    'out_dir': ('out', 'the checkpoint and sample grids go here (progress is printed, not saved)'),
+    'out_dir': ('out', 'the checkpoint, sample grids, log.csv (the progress) and loss.png (its plot) go here'),
     'init_from': ('scratch', "'scratch' (a new model) or 'resume' (from out_dir/ckpt.pt)"),
     'eval_interval': (1000, 'evaluate the test loss and save a checkpoint every this many steps'),
     'eval_iters': (20, 'test batches of 32 averaged per evaluation'),
-    'log_interval': (200, 'print the training loss every this many steps'),
-    'sample_interval': (6000, 'save a grid of samples every this many steps'),
+    'log_interval': (200, 'print the training loss, and add it to log.csv, every this many steps (and at evals)'),
+    'sample_interval': (6000, 'save a grid of samples every this many steps (after a short run: a smaller one)'),
     # data
     'dataset': ('mnist', "'mnist', 'cifar10', 'moving_mnist' (videos) or 'folder' (data_dir/train/<class>/*)"),
     'data_dir': ('data', 'where the dataset files are (MNIST and CIFAR-10 are downloaded there when missing)'),
     'img_size': (0, 'folder: crop and resize every image to this square size (0: their common size)'),
     'channels': (0, 'folder: 1 (gray) or 3 (RGB); 0: 1 if every image is gray, else 3'),
-    'hflip': ('auto', "mirror a random half of each batch: 'auto' = for photos (cifar10, folder), not digits; "
-                      "'True' or 'False'"),
+    'hflip': ('auto', "mirror a random half of each batch: 'auto' = photos (cifar10, folder), not digits; 'True', 'False'"),
     # model shape (0: follow the data)
     'patch_size': (0, 'tokens are patch_size^2-pixel patches; 0: the smallest giving at most 64 tokens an '
                       'image, 16 a video frame (4 for MNIST and CIFAR-10, 8 for Moving MNIST)'),
@@ -79,14 +76,12 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
     'attn_backend': ('auto', "'auto' (flex on CUDA, else sdpa), 'flex' (FlexAttention) or 'sdpa' (dense mask)"),
 }
 CHOICES = {'dataset': data.DATASETS, 'channels': (0, 1, 3), 'hflip': ('auto', 'True', 'False'),
-           'init_from': ('scratch', 'resume'), 'device': cli.DEVICES,
-           'dtype': ('float32', 'bfloat16'), 'attn_backend': ('auto', 'flex', 'sdpa'), 'sampler': tuple(acdit.SAMPLERS),
-           'prediction': ('eps', 'x0')}
+           'init_from': ('scratch', 'resume'), 'device': cli.DEVICES, 'dtype': ('float32', 'bfloat16'),
+           'attn_backend': ('auto', 'flex', 'sdpa'), 'sampler': tuple(acdit.SAMPLERS), 'prediction': ('eps', 'x0')}
 
 
 def check_args(args):
-    """Every number checked before anything is loaded: a bad one fails in the first second, not
-    later in the optimizer."""
+    """Every number checked before anything is loaded: a bad one fails in the first second, not in the optimizer."""
     for key in ('max_iters', 'batch_size', 'eval_interval', 'eval_iters', 'log_interval', 'sample_interval',
                 'depth', 'width', 'n_heads'):
         cli.check(getattr(args, key) >= 1, f'{key}={getattr(args, key)} must be at least 1')
@@ -110,10 +105,9 @@ def check_args(args):
 
 
 def model_config(args, img_size=None, channels=None, n_classes=10):
-    """The model this run describes, for images (or video frames) of img_size x img_size x channels
-    (None: the dataset's known shape; a folder's comes from its images).
-    A shape option left at 0 follows the data: the smallest patch giving at most 64 tokens an image
-    (16 a video frame, as frames add up), and a block a row of patches (a video's: a frame)."""
+    """The model this run describes, for images (or video frames) of img_size x img_size x channels (None: the
+    dataset's known shape; a folder's comes from its images). A shape option left at 0 follows the data: the smallest
+    patch giving at most 64 tokens an image (16 a video frame, as frames add up), a block a row (a video's: a frame)."""
     img_size, channels = (img_size, channels) if img_size else data.DATASET_SHAPES[args.dataset]
     n_frames = data.VIDEO_FRAMES.get(args.dataset, 1)
     max_tokens = 64 if n_frames == 1 else 16
@@ -161,12 +155,12 @@ def mix64(x):
     return x ^ (x >> 31)
 
 
-def seed_step(seed, rank, it, batch_gen):
-    """Seed one step from (seed, rank, iteration) alone: a resumed run draws exactly the batches,
-    timesteps and noise the uninterrupted run drew, with no random state to save."""
+def seed_step(seed, rank, it):
+    """Seed one step from (seed, rank, iteration) alone and return the generator of its batch: a resumed run draws
+    exactly the batches, timesteps and noise the uninterrupted run drew, with no random state to save."""
     x = mix64(mix64(mix64(seed) + rank) + it)  # chained, so no two (seed, rank, it) collide by a sum
     torch.manual_seed(x % 2**32)  # the model's timesteps, noise and label dropout, on every device
-    batch_gen.manual_seed(x >> 32)  # the batch indices, from the other half: the streams are unrelated
+    return torch.Generator().manual_seed(x >> 32)  # the batch indices, from the other half: unrelated streams
 
 
 class TrainingLoss(torch.nn.Module):
@@ -195,15 +189,19 @@ def estimate_loss(models, images, labels, eval_iters, ctx, get_batch):
     return losses
 
 
-def sample_grid(model, path, args, dev):
-    """Samples with a fixed seed (comparable across evals): a row of 10 per class (the first 10
-    classes), or for video one video per class, a row of its frames."""
-    video = model.config.n_frames > 1
-    labels = torch.arange(min(10, model.config.n_classes), device=dev).repeat_interleave(1 if video else 10)
-    imgs = acdit.sample(model, labels, cfg_scale=args.cfg_scale, sampler=args.sampler, steps=args.sample_steps,
+def sample_grid(model, path, args, dev, n_steps):
+    """Samples with a fixed seed (comparable across evals): a row of 10 per class (the first 10 classes), or for video
+    one video per class, a row of its frames. A short run's has fewer a row, then fewer steps, to cost at most a tenth of
+    the n_steps it trained: n images at s steps cost about n * s / (3 * batch_size) steps (RESULTS.md). Returns both."""
+    video, n_rows = model.config.n_frames > 1, min(10, model.config.n_classes)
+    budget = 0.1 * 3 * args.batch_size * n_steps / n_rows                  # image-steps a row
+    per_row = max(1, min(1 if video else 10, int(budget / args.sample_steps)))
+    steps = max(1, min(args.sample_steps, int(budget / per_row)))
+    labels = torch.arange(n_rows, device=dev).repeat_interleave(per_row)
+    imgs = acdit.sample(model, labels, cfg_scale=args.cfg_scale, sampler=args.sampler, steps=steps,
                         generator=torch.Generator(device=dev).manual_seed(0))
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    data.save_grid(imgs.flatten(0, 1) if video else imgs, path, nrow=model.config.n_frames if video else 10)
+    data.save_grid(imgs.flatten(0, 1) if video else imgs, path, nrow=model.config.n_frames if video else per_row)
+    return per_row, steps
 
 
 class StopRequest:
@@ -297,7 +295,7 @@ def make_model(config, args, dev, log):
 
 
 def resume(path, args, config, model, ema, optimizer, log):
-    """Load a checkpoint of the same model into model, EMA and optimizer; return its step."""
+    """Load a checkpoint of the same model into model, EMA and optimizer; return its step and log rows."""
     ckpt = cli.load_checkpoint(path, next(model.parameters()).device)
     cli.check(isinstance(ckpt, dict) and {'model', 'ema', 'optimizer', 'args', 'model_config', 'iter_num'} <= set(ckpt),
               f'{path} is not a checkpoint train.py can resume: start anew in another --out_dir')
@@ -323,15 +321,14 @@ def resume(path, args, config, model, ema, optimizer, log):
                if k not in ('init_from', 'time_budget') and v != getattr(args, k, v)]
     if changed:
         log(f"note: this run changes the checkpoint's options: {', '.join(changed)}")
-    return ckpt['iter_num']
+    return ckpt['iter_num'], ckpt.get('log', [])  # (no rows: a checkpoint from before log.csv)
 
 
 class TimeBudget:
-    """--time_budget: time the steps after the first WARMUP (compiling), and from step 2 * WARMUP
-    on, every RECHECK steps until the decay starts, choose max_iters from their mean time (evals
-    included) so that the run ends about `minutes` after launch, RESERVE of the time left kept
-    for evals and grids: a machine that slows down still ends on time. Warmup and stable learning
-    rates do not depend on max_iters (UNCHOSEN until the first choice)."""
+    """--time_budget: time the steps after the first WARMUP (compiling), and from step 2 * WARMUP on, every RECHECK
+    steps until the decay starts, choose max_iters from their mean time (evals included) so that the run ends about
+    `minutes` after launch, RESERVE of the time left kept for evals and grids: a machine that slows down still ends
+    on time. Warmup and stable learning rates do not depend on max_iters (UNCHOSEN until the first choice)."""
     WARMUP, RECHECK, RESERVE, UNCHOSEN = 50, 500, 0.05, 10**9
 
     def __init__(self, minutes, t_launch, dev, ddp, log, start=0):
@@ -373,7 +370,6 @@ def main(argv=None):
     master = rank == 0  # only rank 0 prints and writes files
     log = functools.partial(print, flush=True) if master else (lambda *a, **k: None)
     ctx = cli.autocast_context(dev, args.dtype)
-    log(f'device: {dev}{f" x{world} processes" if ddp else ""}, dtype: {"bfloat16 autocast" if isinstance(ctx, torch.autocast) else "float32"}')
     # the whole dataset lives on the device as uint8: a batch is an index, no DataLoader
     train_x, train_y = data.load_dataset(args.dataset, args.data_dir, 'train', args.img_size, args.channels)
     config = config or model_config(args, train_x.shape[-1], train_x.shape[1], int(train_y.max()) + 1)
@@ -382,10 +378,13 @@ def main(argv=None):
     hflip = args.hflip == 'True' or (args.hflip == 'auto' and args.dataset in ('cifar10', 'folder'))
     get_batch = data.moving_mnist_batch if args.dataset in data.VIDEO_FRAMES else \
         functools.partial(data.get_batch, hflip=hflip)  # mirror photos, not digits
-    log(f'training on {args.dataset}{", half of each batch mirrored" if hflip else ""}')
-    batch_gen = torch.Generator()
+    classes = data.class_names(args.dataset, args.data_dir)  # saved with the model: generate.py names its rows
+    log(f'device: {dev}{f" x{world} processes" if ddp else ""}, dtype: {"bfloat16 autocast" if isinstance(ctx, torch.autocast) else "float32"}; '
+        f'training on {args.dataset} ({len(classes)} classes: {", ".join(classes)}){", half of each batch mirrored" if hflip else ""}'
+        + (f'; warning: warmup_iters={args.warmup_iters} >= max_iters={args.max_iters}, so the learning rate never leaves '
+           f'warmup' if args.warmup_iters >= args.max_iters and not args.time_budget else ''))  # a budget's: chosen later
     model, ema, optimizer = make_model(config, args, dev, log)
-    start = resume(ckpt_path, args, config, model, ema, optimizer, log) if args.init_from == 'resume' else 0
+    start, log_rows = resume(ckpt_path, args, config, model, ema, optimizer, log) if args.init_from == 'resume' else (0, [])
     budget = TimeBudget(args.time_budget, t_launch, dev, ddp, log, start) \
         if args.time_budget > 0 and (not start or args.max_iters == TimeBudget.UNCHOSEN) else None
     if budget:  # until the budget chooses, no end in sight and so no decay
@@ -398,8 +397,8 @@ def main(argv=None):
     def save(it, **extra):
         if master:
             cli.save_checkpoint(ckpt_path, {'model': model.state_dict(), 'ema': ema.state_dict(),
-                                            'optimizer': optimizer.state_dict(), 'args': vars(args),
-                                            'model_config': dataclasses.asdict(config), 'iter_num': it, **extra})
+                                            'optimizer': optimizer.state_dict(), 'args': vars(args), 'classes': classes,
+                                            'model_config': dataclasses.asdict(config), 'iter_num': it, 'log': log_rows, **extra})
             log(f'saved {ckpt_path} (iter {it})')
 
     t_start = t_log = time.time()
@@ -407,7 +406,7 @@ def main(argv=None):
     with StopRequest(ddp, dev) as stop:
         try:
             while it < args.max_iters and not stop.now(it, args.log_interval):
-                seed_step(args.seed, rank, it, batch_gen)
+                batch_gen = seed_step(args.seed, rank, it)
                 lr = get_lr(it, args)
                 for group in optimizer.param_groups:
                     group['lr'] = lr
@@ -417,30 +416,33 @@ def main(argv=None):
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or math.inf)
                 if not torch.isfinite(grad_norm):  # it would poison the weights: stop before the update
-                    print(f'error: the gradients are not finite at iter {it} (loss {loss.item():.4g}); stopping '
-                          f'without saving. Resume from the last good {ckpt_path}, if any, with a lower '
-                          f'--learning_rate', file=sys.stderr, flush=True)
+                    print(f'error: the gradients are not finite at iter {it} (loss {loss.item():.4g}); stopping without saving. '
+                          f'Resume from the last good {ckpt_path}, if any, with a lower --learning_rate', file=sys.stderr, flush=True)
                     sys.exit(1)
                 optimizer.step()
                 update_ema(ema, model, it, args.ema_decay)
                 it += 1
                 if budget:
                     budget.after_step(it, args)
-                if it % args.log_interval == 0 or it == args.max_iters:  # loss.item() syncs a GPU only here
+                evaluate = it % args.eval_interval == 0 or it == args.max_iters
+                if master and (evaluate or it % args.log_interval == 0):  # loss.item() syncs a GPU only here
                     now = time.time()
                     dt, t_log, it_log = (now - t_log) / max(1, it - it_log), now, it
                     log(f'iter {it}/{args.max_iters} | loss {loss.item():.4f} | lr {lr:.2e} | {dt * 1000:.0f} ms/it | '
                         f'{args.batch_size * world / dt:.0f} img/s | elapsed {fmt_time(now - t_start)} | '
                         f'eta {fmt_time(dt * (args.max_iters - it))}')
-                if it % args.eval_interval == 0 or it == args.max_iters:
-                    if master:
-                        raw, avg = estimate_loss([model, ema], test_x, test_y, args.eval_iters, ctx, get_batch)
-                        log(f'eval @ {it}: test loss {raw:.4f}, ema {avg:.4f}')
-                        save(it, test_loss=raw, ema_test_loss=avg)
+                    row = dict(iter=it, loss=loss.item(), lr=lr, ms_per_step=round(dt * 1000, 1), elapsed_s=round(now - t_start, 1))
+                    if evaluate:
+                        row['test_loss'], row['ema_test_loss'] = estimate_loss([model, ema], test_x, test_y, args.eval_iters, ctx, get_batch)
+                        log(f"eval @ {it}: test loss {row['test_loss']:.4f}, ema {row['ema_test_loss']:.4f}")
+                    log_rows.append(row)  # the checkpoint's rows end at its iter (log.csv's may not: see write_log)
+                    data.write_log(args.out_dir, log_rows, new=not start and len(log_rows) == 1)
+                    if evaluate:
+                        save(it, test_loss=row['test_loss'], ema_test_loss=row['ema_test_loss'])
                 if master and (it % args.sample_interval == 0 or it == args.max_iters):
                     t0, path = time.time(), os.path.join(args.out_dir, f'samples_{it:06d}.png')
-                    sample_grid(ema, path, args, dev)
-                    log(f'wrote {path} ({time.time() - t0:.1f}s)')
+                    per_row, steps = sample_grid(ema, path, args, dev, it - start)
+                    log(f'wrote {path} ({per_row} a class at {steps} steps a block: {time.time() - t0:.1f}s)')
         except KeyboardInterrupt:  # our handler's second Ctrl-C (maybe mid-step), or a first from elsewhere
             stop.abrupt, stop.presses = stop.presses > 1, max(stop.presses, 1)
         finally:
