@@ -133,7 +133,7 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(args.ckpt), 'samples.png')
     data.save_grid(grid, out, nrow=nrow)
     print(f"wrote {out}: rows of {', '.join(names[i] for i in labels[::args.n_per_class].tolist())}"
-          + (f', {args.n_per_class + (K > 0)} each (a video a row)' if video else ''))
+          + (f' ({args.n_per_class + (K > 0)} rows each: a video a row)' if video else ''))
     if args.npz:
         os.makedirs(os.path.dirname(args.npz) or '.', exist_ok=True)
         with open(args.npz, 'wb') as f:  # a file object, so np.savez keeps the name as given

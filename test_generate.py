@@ -831,7 +831,8 @@ def test_moving_mnist_trains_generates_past_its_length_and_is_judged(ckpt, tmp_p
     npz, gif, strip = tmp_path / 'v.npz', tmp_path / 'v.gif', tmp_path / 'strip.png'
     images, labels = generate.main([f'--ckpt={video_ckpt}', '--labels=3,5', '--n_per_class=2', '--n_frames=10',
                                     f'--out={strip}', f'--gif={gif}', f'--npz={npz}'])
-    assert 'videos of 10 frames' in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert 'videos of 10 frames' in printed and f'wrote {strip}: rows of 3, 5 (2 rows each: a video a row)' in printed
     assert images.shape == (4, 10, 1, 32, 32) and labels.tolist() == [3, 3, 5, 5]
     with Image.open(strip) as im:  # one row per video, one column per frame
         assert im.size == (10 * 32, 4 * 32)
