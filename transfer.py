@@ -29,8 +29,6 @@ OPTIONS = {
     'cpu_minutes': (10.0, 'finetune: CPU minutes of training steps (the four test evaluations not counted)'),
     'batch_size': (64, 'finetune: images per step'),
     'learning_rate': (1e-3, 'finetune: peak AdamW learning rate (warmup 5%, then linear decay to 0)'),
-    'head_lr': (1e-3, "finetune: the head's learning rate"),
-    'freeze': (0, 'finetune: keep the patch embedding and the first K layers fixed'),
     'seed': (0, 'seeds the random init, the batches and the held-out split'),
     'device': cli.DEVICE_OPTION,
 }
@@ -111,18 +109,12 @@ def test_accuracy(classifier, images, labels, batch=500):
 def finetune(classifier, args, train_x, train_y, test_x, test_y, hflip):
     """AdamW (weight decay 0.05) for args.cpu_minutes of this process's CPU time; the learning rate
     follows the budget spent (5% warmup, then linear to 0). Returns the final test accuracy."""
-    if args.freeze:  # partial freezing: the patch embedding and the first `freeze` layers stay as they are
-        for p in [*classifier.encoder.patch_embed.parameters(), *classifier.encoder.blocks[:args.freeze].parameters()]:
-            p.requires_grad_(False)
-    groups = [{'params': [p for p in classifier.encoder.parameters() if p.requires_grad], 'lr_max': args.learning_rate},
-              {'params': list(classifier.head.parameters()), 'lr_max': args.head_lr}]
-    opt = torch.optim.AdamW(groups, weight_decay=0.05)
+    opt = torch.optim.AdamW(classifier.parameters(), weight_decay=0.05)  # (weights off the clean path get no grad)
     budget, spent, step = args.cpu_minutes * 60, 0.0, 0
     gen = torch.Generator().manual_seed(args.seed)
     while spent < budget:
         t0, progress = time.process_time(), spent / budget
-        for g in opt.param_groups:
-            g['lr'] = g['lr_max'] * min(progress / 0.05, (1 - progress) / 0.95)
+        opt.param_groups[0]['lr'] = args.learning_rate * min(progress / 0.05, (1 - progress) / 0.95)
         x, y = data.get_batch(train_x, train_y, args.batch_size, gen, hflip)
         loss = F.cross_entropy(classifier(x), y)
         opt.zero_grad(set_to_none=True)
@@ -137,13 +129,12 @@ def finetune(classifier, args, train_x, train_y, test_x, test_y, hflip):
 
 def main(argv=None):
     args = cli.parse_args(argv, __doc__, OPTIONS, CHOICES)
-    for key in ('n_train', 'cpu_minutes', 'batch_size', 'learning_rate', 'head_lr'):
+    for key in ('n_train', 'cpu_minutes', 'batch_size', 'learning_rate'):
         cli.check(getattr(args, key) > 0, f'{key}={getattr(args, key)} must be positive')
     dev = cli.pick_device(args.device)
     model, ckpt = cli.load_model(args.ckpt, 'ema', dev)
     config = model.config
     cli.check(config.n_frames == 1, f'{args.ckpt} is a video model; transfer reads images')
-    cli.check(0 <= args.freeze <= config.depth, f'freeze={args.freeze}: the model has {config.depth} layers')
     dataset, data_dir = args.dataset or ckpt['args']['dataset'], args.data_dir or ckpt['args']['data_dir']
     size = (config.img_size, config.in_channels)  # a folder's images are read at this shape
     cli.check(dataset == 'folder' or data.DATASET_SHAPES.get(dataset) == size,
