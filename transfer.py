@@ -109,7 +109,7 @@ def test_accuracy(classifier, images, labels, batch=500):
 def finetune(classifier, args, train_x, train_y, test_x, test_y, hflip):
     """AdamW (weight decay 0.05) for args.cpu_minutes of this process's CPU time; the learning rate
     follows the budget spent (5% warmup, then linear to 0). Returns the final test accuracy."""
-    opt = torch.optim.AdamW(classifier.parameters(), weight_decay=0.05)  # (weights off the clean path get no grad)
+    opt = torch.optim.AdamW(classifier.parameters(), weight_decay=0.05)  # (the noised path's weights, unused, only decay)
     budget, spent, step = args.cpu_minutes * 60, 0.0, 0
     gen = torch.Generator().manual_seed(args.seed)
     while spent < budget:
