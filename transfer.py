@@ -1,12 +1,11 @@
 """
-Transfer: does a generatively trained ACDiT read images? (The paper fine-tunes it on ImageNet
-classification.) The encoder is the clean path: every block clean, block-causal, no t, no label.
+Transfer: does a generatively trained ACDiT read images? (The paper fine-tunes it on ImageNet.)
+The encoder is the clean path: every block clean, block-causal, no timestep, no label.
 
     python transfer.py --ckpt=weights/mnist.pt --data_dir=path/to/mnist     # linear probes (--init=random: a new model)
     python transfer.py --ckpt=weights/cifar10.pt --data_dir=path/to/cifar10 --mode=finetune --cpu_minutes=10
 
-Fine-tuning counts this process's CPU time, so two runs side by side with OMP_NUM_THREADS=1 get
-equal shares.
+Fine-tuning counts this process's CPU time: two runs side by side with OMP_NUM_THREADS=1 get equal shares.
 """
 
 import time
@@ -101,11 +100,6 @@ class Classifier(nn.Module):
         return self.head(pooled(clean_features(self.encoder, imgs)[-1], self.encoder.config.block_len))
 
 
-@torch.no_grad()
-def test_accuracy(classifier, images, labels, batch=500):
-    return sum((classifier(data.to_float(x)).argmax(1) == y).sum().item() for x, y in zip(images.split(batch), labels.split(batch))) / len(labels)
-
-
 def finetune(classifier, args, train_x, train_y, test_x, test_y, hflip):
     """AdamW (weight decay 0.05) for args.cpu_minutes of this process's CPU time; the learning rate
     follows the budget spent (5% warmup, then linear to 0). Returns the final test accuracy."""
@@ -122,7 +116,9 @@ def finetune(classifier, args, train_x, train_y, test_x, test_y, hflip):
         opt.step()
         quarter, spent, step = int(4 * spent / budget), spent + time.process_time() - t0, step + 1
         if int(4 * spent / budget) > quarter:  # a test at each quarter of the budget, the last at its end
-            accuracy = test_accuracy(classifier, test_x, test_y)
+            with torch.no_grad():
+                accuracy = sum((classifier(data.to_float(x)).argmax(1) == y).sum().item()
+                               for x, y in zip(test_x.split(500), test_y.split(500))) / len(test_y)
             print(f'step {step} | {spent / 60:.1f} CPU min | train loss {loss.item():.3f} | test accuracy {accuracy:.4f}', flush=True)
     return accuracy
 
