@@ -21,7 +21,7 @@ import data
 OPTIONS = {
     'ckpt': ('weights/mnist.pt', 'a train.py checkpoint or shipped weights: the encoder (its EMA weights)'),
     'init': ('pretrained', "'pretrained' (the checkpoint's weights) or 'random' (a new model of its config)"),
-    'dataset': ('', "'mnist', 'cifar10' or 'folder' (images of the checkpoint's shape); '' = the checkpoint's"),
+    'dataset': ('', "'mnist', 'cifar10' or 'folder' (its images read at the checkpoint's size and channels); '' = the checkpoint's"),
     'data_dir': ('', "where the dataset is; '' = the checkpoint's"),
     'mode': ('probe', "'probe' (linear probes on frozen features) or 'finetune' (encoder + linear head)"),
     'n_train': (10000, 'probe: training images used (drawn at random with the seed)'),
