@@ -8,32 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 import acdit
-import cli
 import transfer
 from cli import ConfigError
 from data import DataError
+from test_acdit import randomized
+from test_data import write_folder
+from test_generate import TRAIN_DEFAULTS, write_checkpoint
 
 REPO = Path(__file__).resolve().parent
 CONFIG = acdit.ACDiTConfig(img_size=8, in_channels=1, patch_size=2, block_h=1, block_w=4, depth=3,
                            width=16, n_heads=2, n_classes=3)   # 4 row blocks of 4 tokens
 
 
-def randomized(config, seed=0):
-    """A model with every parameter random: adaLN-Zero's zeros would hide a wrong path."""
-    model, g = acdit.ACDiT(config), torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
-
-
 @pytest.mark.parametrize("bh, bw", [(1, 4), (2, 2), (1, 1)])
 def test_a_blocks_features_ignore_every_later_block(bh, bw):
     config = dataclasses.replace(CONFIG, block_h=bh, block_w=bw)
-    model, Bl = randomized(config), config.block_len
+    model, Bl = randomized(acdit.ACDiT(config)), config.block_len
     imgs = torch.rand(2, 1, 8, 8) * 2 - 1
     tokens = acdit.patchify(imgs, config)
     with torch.no_grad():
@@ -50,7 +42,7 @@ def test_a_blocks_features_ignore_every_later_block(bh, bw):
 def test_features_are_the_clean_rows_of_the_training_forward():
     """Each layer's output on the clean path equals the clean rows c_0..c_{N-2} of the SCAM
     training forward, caught with forward hooks, whatever the noised half holds."""
-    model, N, Bl = randomized(CONFIG), CONFIG.n_blocks, CONFIG.block_len
+    model, N, Bl = randomized(acdit.ACDiT(CONFIG)), CONFIG.n_blocks, CONFIG.block_len
     imgs = torch.rand(3, 1, 8, 8) * 2 - 1
     x0 = acdit.patchify(imgs, CONFIG)
     caught = []
@@ -68,7 +60,7 @@ def test_features_are_the_clean_rows_of_the_training_forward():
 
 def test_fine_tuning_steps_on_a_fixed_batch_lower_the_loss():
     torch.manual_seed(0)
-    classifier = transfer.Classifier(randomized(CONFIG).train(), 3)
+    classifier = transfer.Classifier(randomized(acdit.ACDiT(CONFIG)).train(), 3)
     imgs, labels = torch.rand(12, 1, 8, 8) * 2 - 1, torch.arange(12) % 3
     opt = torch.optim.AdamW(classifier.parameters(), lr=1e-3)
     losses = []
@@ -82,7 +74,7 @@ def test_fine_tuning_steps_on_a_fixed_batch_lower_the_loss():
 
 
 def test_fine_tuning_trains_every_weight_of_the_clean_path_and_head():
-    classifier = transfer.Classifier(randomized(CONFIG).train(), 3)
+    classifier = transfer.Classifier(randomized(acdit.ACDiT(CONFIG)).train(), 3)
     before = {n: p.clone() for n, p in classifier.named_parameters()}
     args = types.SimpleNamespace(learning_rate=1e-2, cpu_minutes=0.003, batch_size=8, seed=0)
     imgs, labels = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8), torch.arange(16) % 3
@@ -98,27 +90,15 @@ def test_pooling_is_each_blocks_mean_side_by_side():
     assert torch.equal(transfer.pooled(x, 4), torch.cat([x[:, :4].mean(1), x[:, 4:].mean(1)], 1))
 
 
-def write_checkpoint(path, config, dataset='folder'):
-    """A checkpoint as generate.py reads one: EMA weights, the model config and the run's options."""
-    args = {'dataset': dataset, 'data_dir': str(path.parent / 'nowhere'), 'cfg_scale': 2.0, 'sampler': 'ddpm',
-            'sample_steps': 5}
-    cli.save_checkpoint(str(path), {'ema': acdit.ACDiT(config).state_dict(), 'model_config': dataclasses.asdict(config),
-                                    'args': args, 'iter_num': 1})
-    return path
-
-
-def write_folder(root, size, mode, n=4):
-    for split in ('train', 'test'):
-        for c in ('ant', 'bee'):
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.new(mode, (size, size), 60 * i if mode == 'L' else (60 * i, 20, 200)).save(root / split / c / f'{i}.png')
-    return root
+def checkpoint(path, config, dataset='folder'):
+    """A train.py checkpoint of config whose run read dataset from a folder that is not there."""
+    return write_checkpoint(path, dict(TRAIN_DEFAULTS, dataset=dataset, data_dir=str(path.parent / 'nowhere')), config)
 
 
 def test_probe_and_fine_tune_run_on_a_folder(tmp_path, capsys):
-    ckpt = write_checkpoint(tmp_path / 'ckpt.pt', CONFIG)
-    folder = write_folder(tmp_path / 'pics', 16, 'RGB')  # read at the model's shape: 8x8, gray
+    ckpt, folder = checkpoint(tmp_path / 'ckpt.pt', CONFIG), tmp_path / 'pics'
+    for split in ('train', 'test'):  # 16x16 RGB, read at the model's shape: 8x8, gray
+        write_folder(folder / split, ['ant', 'bee'], n=4, size=(16, 16), mode='RGB')
     transfer.main([f'--ckpt={ckpt}', f'--data_dir={folder}', '--n_train=100'])
     out = capsys.readouterr().out
     assert out.count('linear probe, layer') == CONFIG.depth and 'all layers' in out and 'raw pixels' in out
@@ -129,9 +109,8 @@ def test_probe_and_fine_tune_run_on_a_folder(tmp_path, capsys):
 
 def test_bad_input_is_one_line(tmp_path):
     """A dataset of another shape, a video model, an impossible option: one line naming it."""
-    ckpt = write_checkpoint(tmp_path / 'ckpt.pt', CONFIG)
-    video = write_checkpoint(tmp_path / 'video.pt', dataclasses.replace(CONFIG, n_frames=2, block_h=4, block_w=4),
-                             dataset='moving_mnist')
+    ckpt = checkpoint(tmp_path / 'ckpt.pt', CONFIG)
+    video = checkpoint(tmp_path / 'video.pt', dataclasses.replace(CONFIG, n_frames=2, block_h=4, block_w=4), 'moving_mnist')
     cases = {  # arguments -> what the line must name
         (f'--ckpt={ckpt}', '--dataset=mnist'): 'reads',            # 28x28 digits for an 8x8 model
         (f'--ckpt={ckpt}', f'--data_dir={tmp_path / "nowhere"}'): 'nowhere',
