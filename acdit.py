@@ -39,6 +39,7 @@ class ACDiTConfig:
     n_timesteps: int = 1000      # DDPM steps T
     beta_start: float = 1e-4     # linear beta schedule, as in DDPM
     beta_end: float = 0.02
+    noise_schedule: str = "linear"  # alpha-bar over t: DDPM's 'linear' betas (the paper's) or 'cosine'
     min_snr_gamma: float = 0.0   # 0: the paper's unweighted eps-MSE; > 0: Min-SNR-gamma weights
     prediction: str = "eps"      # the network outputs the noise ('eps', as DDPM and the paper) or the
                                  # clean tokens ('x0': easier when a token holds many pixels)
@@ -163,11 +164,15 @@ def print_scam(n_blocks):
 
 
 class DDPMSchedule:
-    """Linear-beta DDPM schedule (Ho et al. 2020), kept in float64 and cast on use."""
+    """DDPM's linear-beta schedule (Ho et al. 2020), or 'cosine' (Nichol & Dhariwal 2021: alpha-bar falls as
+    cos^2 of t, so fewer steps are spent near pure noise); kept in float64 and cast on use."""
 
-    def __init__(self, n_timesteps=1000, beta_start=1e-4, beta_end=0.02):
+    def __init__(self, n_timesteps=1000, beta_start=1e-4, beta_end=0.02, kind="linear"):
         self.n_timesteps = n_timesteps
         betas = torch.linspace(beta_start, beta_end, n_timesteps, dtype=torch.float64)
+        if kind == "cosine":  # alpha-bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008
+            f = torch.cos((torch.arange(n_timesteps + 1, dtype=torch.float64) / n_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)         # the cap keeps the last step finite
         # alpha-bar_t for t = -1 ('clean', 1.0), 0, ..., T-1
         self.alpha_bar_table = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - betas, dim=0)])
 
@@ -377,7 +382,7 @@ class ACDiT(nn.Module):
         self.y_embed = nn.Embedding(config.n_classes + 1, config.width)  # +1: the null label for CFG
         self.blocks = nn.ModuleList([ACDiTBlock(config) for _ in range(config.depth)])
         self.final = FinalLayer(config)
-        self.schedule = DDPMSchedule(config.n_timesteps, config.beta_start, config.beta_end)
+        self.schedule = DDPMSchedule(config.n_timesteps, config.beta_start, config.beta_end, config.noise_schedule)
         self.null_label = config.n_classes
         self.init_weights()
 

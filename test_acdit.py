@@ -6,6 +6,7 @@ adaLN-Zero init makes a fresh model output exactly zero, which would pass trivia
 """
 import dataclasses
 import itertools
+import math
 
 import pytest
 import torch
@@ -447,6 +448,19 @@ def test_training_loss_is_the_per_block_weighted_eps_mse(gamma, monkeypatch):
     if gamma > 0:  # some blocks drew a nearly clean t, whose weight is below 1
         assert (drawn["t"] < 100).any() and loss < plain
 
+
+def test_cosine_schedule_is_its_closed_form():
+    # Nichol & Dhariwal's alpha-bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008, with
+    # our timestep t the continuous time (t + 1) / T; each beta is capped at 0.999, which binds at the very end only
+    s = acdit.DDPMSchedule(1000, kind="cosine")
+    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+    for t in (-1, 0, 1, 250, 500, 900, 990):
+        assert math.isclose(s.alpha_bar(t, torch.zeros(1, dtype=torch.float64)).item(), f((t + 1) / 1000) / f(0), rel_tol=1e-9)
+    ab = s.alpha_bar_table
+    assert (ab[1:] < ab[:-1]).all() and ab[-1] < 1e-6 and (1 - ab[-1] / ab[-2]) <= 0.999 + 1e-12
+    # the model takes it from its config: the same noising as the schedule built by hand
+    model = acdit.ACDiT(acdit.ACDiTConfig(depth=1, width=16, n_heads=2, noise_schedule="cosine"))
+    assert torch.equal(model.schedule.alpha_bar_table, ab)
 
 def test_x0_prediction_is_the_clean_tokens_and_its_loss_the_min_snr_x0_mse():
     """prediction='x0': the network's raw output is the clean tokens, so the eps the model

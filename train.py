@@ -51,6 +51,7 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
     'rope_base': (100.0, 'RoPE frequency base (100 beat 10000 on the 7x7 MNIST grid)'),
     'min_snr_gamma': (1.0, 'Min-SNR-gamma loss weights (1 beat 2 and 5); 0 = plain eps-MSE as in the paper'),
     'prediction': ('eps', "the network predicts 'eps' (the noise, as the paper) or 'x0' (the clean tokens)"),
+    'noise_schedule': ('linear', "'linear' (DDPM's betas, as the paper) or 'cosine' (alpha-bar as cos^2 of t)"),
     'label_dropout': (0.1, 'drop the class label this often in training, for classifier-free guidance'),
     # training
     'max_iters': (24000, 'optimizer steps (18-20 minutes on a 2-core AVX-512 CPU with these defaults)'),
@@ -77,7 +78,8 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
 }
 CHOICES = {'dataset': data.DATASETS, 'channels': (0, 1, 3), 'hflip': ('auto', 'True', 'False'),
            'init_from': ('scratch', 'resume'), 'device': cli.DEVICES, 'dtype': ('float32', 'bfloat16'),
-           'attn_backend': ('auto', 'flex', 'sdpa'), 'sampler': tuple(acdit.SAMPLERS), 'prediction': ('eps', 'x0')}
+           'attn_backend': ('auto', 'flex', 'sdpa'), 'sampler': tuple(acdit.SAMPLERS), 'prediction': ('eps', 'x0'),
+           'noise_schedule': ('linear', 'cosine')}
 
 
 def check_args(args):
@@ -119,7 +121,7 @@ def model_config(args, img_size=None, channels=None, n_classes=10):
             block_h=args.block_h or (1 if n_frames == 1 else grid), block_w=args.block_w or grid,
             depth=args.depth, width=args.width, n_heads=args.n_heads, n_classes=n_classes, rope_base=args.rope_base,
             label_dropout=args.label_dropout, min_snr_gamma=args.min_snr_gamma, prediction=args.prediction,
-            attn_backend=args.attn_backend)
+            noise_schedule=args.noise_schedule, attn_backend=args.attn_backend)
     except AssertionError as e:  # the model's invariants, said in the terms of these options
         raise ConfigError(f'{args.dataset} ({img_size}x{img_size}): {e}') from None
 
@@ -282,7 +284,8 @@ def make_model(config, args, dev, log):
     torch.manual_seed(args.seed)
     model = acdit.ACDiT(config).to(dev)
     log(f'model: {model.num_params() / 1e6:.2f}M parameters, {config.n_blocks} blocks of {config.block_len} tokens, '
-        f'training sequence {config.seq_len} tokens, attention: {model.backend(dev)}, predicting {config.prediction}, loss: eps-MSE'
+        f'training sequence {config.seq_len} tokens, attention: {model.backend(dev)}, predicting {config.prediction}, '
+        f'{config.noise_schedule} noise schedule, loss: eps-MSE'
         + (f' with Min-SNR-{config.min_snr_gamma:g} weights (eval: the plain eps-MSE)' if config.min_snr_gamma else '')
         + ('; x0 is scored as the eps it implies, whose error near t = 0 is 100x that of x0, so an early '
            'test loss far above the training loss is expected' if config.prediction == 'x0' else ''))
