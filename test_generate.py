@@ -968,7 +968,7 @@ def test_the_mnist_weights_ship():
 
 @pytest.mark.parametrize('path', SHIPPED, ids=lambda p: p.name)
 def test_shipped_weights_are_small_fp16_and_draw_their_classes(path, tmp_path):
-    assert path.stat().st_size <= 4 * 2**20
+    assert path.stat().st_size <= (6 if path.name == 'cifar10.pt' else 4) * 2**20   # CIFAR-10's 4x192 may take 6 MB
     ckpt = cli.load_checkpoint(str(path))
     assert ckpt['ema'] and all(v.dtype == torch.float16 for v in ckpt['ema'].values())
     assert 'model' not in ckpt and 'optimizer' not in ckpt      # sampling weights only
