@@ -105,8 +105,7 @@ def token_coords(config, pos):
 # -----------------------------------------------------------------------------
 # 3. SCAM: the Skip-Causal Attention Mask (paper Sec. 3, Fig. 2)
 # Training sequence: [c_0 .. c_{N-2} | n_0 .. n_{N-1}], clean blocks then noised blocks,
-# length (2N-1)*Bl (the last clean block is never attended, so it is dropped).
-# q = query block, k = key block:
+# length (2N-1)*Bl (the last clean block is never attended, so it is dropped). q = query block, k = key block:
 #   clean  c_q -> clean  c_k  iff k <= q   (block-causal)
 #   noised n_q -> clean  c_k  iff k <  q   (all earlier clean context)
 #   noised n_q -> noised n_k  iff k == q   (itself, bidirectional)
@@ -164,8 +163,7 @@ def print_scam(n_blocks):
 
 
 class DDPMSchedule:
-    """DDPM's linear-beta schedule (Ho et al. 2020), or 'cosine' (Nichol & Dhariwal 2021: alpha-bar falls as
-    cos^2 of t, so fewer steps are spent near pure noise); kept in float64 and cast on use."""
+    """DDPM's linear betas (Ho et al. 2020) or 'cosine' (Nichol & Dhariwal 2021); float64, cast on use."""
 
     def __init__(self, n_timesteps=1000, beta_start=1e-4, beta_end=0.02, kind="linear"):
         self.n_timesteps = n_timesteps
@@ -173,7 +171,6 @@ class DDPMSchedule:
         if kind == "cosine":  # alpha-bar(t) = f(t) / f(0), f(t) = cos^2((t/T + s) / (1 + s) * pi/2), s = 0.008
             f = torch.cos((torch.arange(n_timesteps + 1, dtype=torch.float64) / n_timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)         # the cap keeps the last step finite
-        # alpha-bar_t for t = -1 ('clean', 1.0), 0, ..., T-1
         self.alpha_bar_table = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - betas, dim=0)])
 
     def alpha_bar(self, t, like):

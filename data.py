@@ -58,16 +58,13 @@ CHECKSUMS = {
     'train-labels-idx1-ubyte': ('sha256', '65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5'),
     't10k-images-idx3-ubyte': ('sha256', '0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7'),
     't10k-labels-idx1-ubyte': ('sha256', 'ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2'),
-    'cifar-10-python.tar.gz': ('md5', 'c58f30108f718f92721af3b95e74349a'),
-}
+    'cifar-10-python.tar.gz': ('md5', 'c58f30108f718f92721af3b95e74349a')}
 MNIST_FILES = {  # split -> (images, labels); on disk as NAME or NAME.gz
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
-    'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
-}
+    'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
 MNIST_MIRRORS = [  # tried in order; each serves NAME.gz under this prefix
     'https://ossci-datasets.s3.amazonaws.com/mnist/',
-    'https://storage.googleapis.com/cvdf-datasets/mnist/',
-]
+    'https://storage.googleapis.com/cvdf-datasets/mnist/']
 CIFAR10_ARCHIVE = 'cifar-10-python.tar.gz'
 CIFAR10_URLS = ['https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz']
 

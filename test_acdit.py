@@ -462,6 +462,7 @@ def test_cosine_schedule_is_its_closed_form():
     model = acdit.ACDiT(acdit.ACDiTConfig(depth=1, width=16, n_heads=2, noise_schedule="cosine"))
     assert torch.equal(model.schedule.alpha_bar_table, ab)
 
+
 def test_x0_prediction_is_the_clean_tokens_and_its_loss_the_min_snr_x0_mse():
     """prediction='x0': the network's raw output is the clean tokens, so the eps the model
     returns implies exactly that x0 (x_t = sqrt(ab) x0 + sqrt(1 - ab) eps), and the Min-SNR-gamma

@@ -76,10 +76,9 @@ OPTIONS = {  # key: (default, what it does); config files and --key=value overri
     'compile': (True, 'torch.compile the training step: ~45 s to start, then ~1.2x faster on a 2-core CPU'),
     'attn_backend': ('auto', "'auto' (flex on CUDA, else sdpa), 'flex' (FlexAttention) or 'sdpa' (dense mask)"),
 }
-CHOICES = {'dataset': data.DATASETS, 'channels': (0, 1, 3), 'hflip': ('auto', 'True', 'False'),
-           'init_from': ('scratch', 'resume'), 'device': cli.DEVICES, 'dtype': ('float32', 'bfloat16'),
-           'attn_backend': ('auto', 'flex', 'sdpa'), 'sampler': tuple(acdit.SAMPLERS), 'prediction': ('eps', 'x0'),
-           'noise_schedule': ('linear', 'cosine')}
+CHOICES = {'dataset': data.DATASETS, 'channels': (0, 1, 3), 'hflip': ('auto', 'True', 'False'), 'init_from': ('scratch', 'resume'),
+           'device': cli.DEVICES, 'dtype': ('float32', 'bfloat16'), 'attn_backend': ('auto', 'flex', 'sdpa'),
+           'sampler': tuple(acdit.SAMPLERS), 'prediction': ('eps', 'x0'), 'noise_schedule': ('linear', 'cosine')}
 
 
 def check_args(args):
@@ -116,8 +115,7 @@ def model_config(args, img_size=None, channels=None, n_classes=10):
     patch = args.patch_size or next(p for p in range(1, img_size + 1) if img_size % p == 0 and (img_size // p) ** 2 <= max_tokens)
     grid = img_size // patch
     try:
-        return acdit.ACDiTConfig(
-            img_size=img_size, in_channels=channels, n_frames=n_frames, patch_size=patch,
+        return acdit.ACDiTConfig(img_size=img_size, in_channels=channels, n_frames=n_frames, patch_size=patch,
             block_h=args.block_h or (1 if n_frames == 1 else grid), block_w=args.block_w or grid,
             depth=args.depth, width=args.width, n_heads=args.n_heads, n_classes=n_classes, rope_base=args.rope_base,
             label_dropout=args.label_dropout, min_snr_gamma=args.min_snr_gamma, prediction=args.prediction,
@@ -284,8 +282,8 @@ def make_model(config, args, dev, log):
     torch.manual_seed(args.seed)
     model = acdit.ACDiT(config).to(dev)
     log(f'model: {model.num_params() / 1e6:.2f}M parameters, {config.n_blocks} blocks of {config.block_len} tokens, '
-        f'training sequence {config.seq_len} tokens, attention: {model.backend(dev)}, predicting {config.prediction}, '
-        f'{config.noise_schedule} noise schedule, loss: eps-MSE'
+        f'training sequence {config.seq_len} tokens, attention: {model.backend(dev)}, predicting {config.prediction} '
+        f'({config.noise_schedule} noise schedule), loss: eps-MSE'
         + (f' with Min-SNR-{config.min_snr_gamma:g} weights (eval: the plain eps-MSE)' if config.min_snr_gamma else '')
         + ('; x0 is scored as the eps it implies, whose error near t = 0 is 100x that of x0, so an early '
            'test loss far above the training loss is expected' if config.prediction == 'x0' else ''))
