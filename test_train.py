@@ -553,6 +553,11 @@ def test_resume_refuses_another_model_and_bad_files(tmp_path, capsys):
     torch.save(ckpt, out / 'ckpt.pt')
     code, _, err = run_main(args + ['--max_iters=2', '--init_from=resume'], capsys)
     assert_one_line_error(code, err, 'rope_base')
+    # a checkpoint from before a field existed trained with its default: another value is another model
+    del ckpt['model_config']['noise_schedule'], ckpt['model_config']['rope_base']
+    torch.save(ckpt, out / 'ckpt.pt')
+    code, _, err = run_main(args + ['--max_iters=2', '--init_from=resume', '--noise_schedule=cosine'], capsys)
+    assert_one_line_error(code, err, 'noise_schedule')
     # a truncated checkpoint, something else saved there, and none at all
     (out / 'ckpt.pt').write_bytes(before[:len(before) // 2])
     code, _, err = run_main(args + ['--max_iters=2', '--init_from=resume'], capsys)

@@ -300,7 +300,8 @@ def resume(path, args, config, model, ema, optimizer, log):
     ckpt = cli.load_checkpoint(path, next(model.parameters()).device)
     cli.check(isinstance(ckpt, dict) and {'model', 'ema', 'optimizer', 'args', 'model_config', 'iter_num'} <= set(ckpt),
               f'{path} is not a checkpoint train.py can resume: start anew in another --out_dir')
-    diffs = [f'{k}={v!r} (this run: {getattr(config, k, None)!r})' for k, v in ckpt['model_config'].items()
+    saved = dict(dataclasses.asdict(acdit.ACDiTConfig()), **ckpt['model_config'])  # a field it predates: the default
+    diffs = [f'{k}={v!r} (this run: {getattr(config, k, None)!r})' for k, v in saved.items()
              if k not in ('min_snr_gamma', 'label_dropout', 'attn_backend') and v != getattr(config, k, None)]
     cli.check(not diffs, f"cannot resume from {path}: its model has {', '.join(diffs)}; resume with its "
                          f"options, or start anew in another --out_dir")
@@ -409,8 +410,7 @@ def main(argv=None):
             while it < args.max_iters and not stop.now(it, args.log_interval):
                 batch_gen = seed_step(args.seed, rank, it)
                 lr = get_lr(it, args)
-                for group in optimizer.param_groups:
-                    group['lr'] = lr
+                optimizer.param_groups[0]['lr'] = lr  # the one group: every parameter
                 with ctx:
                     loss = step_model(*get_batch(train_x, train_y, args.batch_size, batch_gen))
                 optimizer.zero_grad(set_to_none=True)
